@@ -1,0 +1,37 @@
+"""`python -m gpt <verb>`: the command-line front door.
+
+Each verb lives in the module that does the work; this file only dispatches,
+importing a verb's module when it is used so `--help` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from .errors import UserError, run_cli
+
+# verb -> ("module:function", one-line description); each function takes argv and returns an exit code
+VERBS: dict[str, tuple[str, str]] = {
+    "generate": ("gpt.cli:generate_cli", "continue a prompt with a model (streams to the terminal)"),
+    "prepare": ("gpt.data:prepare_cli", "tokenize a large corpus into uint16 token files for pretraining"),
+    "fetch": ("gpt.fetch:fetch_cli", "download a known pretrained model into the local cache (explicit, once)"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: python -m gpt <verb> [options]   (python -m gpt <verb> --help for details)\n\nverbs:")
+        for verb, (_, description) in VERBS.items():
+            print(f"  {verb:<10} {description}")
+        return 0 if argv else 2
+    verb, rest = argv[0], argv[1:]
+    if verb not in VERBS:
+        raise UserError(f"unknown verb {verb!r}; known verbs: {', '.join(VERBS)}")
+    module_name, function_name = VERBS[verb][0].split(":")
+    return importlib.import_module(module_name).__dict__[function_name](rest)
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,359 @@
+"""Configuration: dataclasses are the single source of truth.
+
+`ModelConfig` describes a transformer (GPT-2 family and Llama family from one
+vocabulary of field names); `TrainConfig` and `DataConfig` describe a training
+run. A run's config is built in three layers, each overriding the one before:
+
+1. the dataclass defaults (and, for the model, an optional named preset),
+2. a TOML file (`--config FILE`) with one table per section (`[model]`, `[train]`, ...),
+3. command-line overrides `--section.field value` (e.g. `--model.n_layer 4`).
+
+Unknown sections or fields, wrong types and invalid values raise `ConfigError`
+with a message naming the key, e.g. `model.n_head: d_model (768) must be divisible by n_head (5)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+# ----------------------------------------------------------------------------
+# Typed dataclass machinery shared by every config section
+# ----------------------------------------------------------------------------
+
+
+def _allowed_types(annotation: Any) -> tuple[type, ...]:
+    """The runtime types a field annotation admits: `int | None` -> (int, NoneType)."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return tuple(arg for arg in typing.get_args(annotation))
+    return (annotation,)
+
+
+def _coerce(section: str, name: str, value: Any, annotation: Any) -> Any:
+    """Check `value` against the field's type; an int is accepted where a float is expected."""
+    allowed = _allowed_types(annotation)
+    if isinstance(value, bool):  # bool is a subclass of int: only accept it for bool fields
+        if bool in allowed:
+            return value
+    elif isinstance(value, int) and int in allowed:
+        return value
+    elif isinstance(value, (int, float)) and float in allowed:
+        return float(value)
+    elif value is None and type(None) in allowed:
+        return None
+    elif isinstance(value, str) and str in allowed:
+        return value
+    names = " or ".join("None" if t is type(None) else t.__name__ for t in allowed)
+    raise ConfigError(f"{section}.{name}: expected {names}, got {type(value).__name__} {value!r}")
+
+
+def _parse_cli_value(section: str, name: str, text: str, annotation: Any) -> Any:
+    """Turn a command-line string into the field's type (`--train.compile true`, `--model.n_kv_head none`)."""
+    allowed = _allowed_types(annotation)
+    lowered = text.strip().lower()
+    if type(None) in allowed and lowered in ("none", "null"):
+        return None
+    if bool in allowed:
+        if lowered in ("true", "1", "yes", "on"):
+            return True
+        if lowered in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"{section}.{name}: expected true or false, got {text!r}")
+    if int in allowed:
+        try:
+            return int(text)
+        except ValueError:
+            if float not in allowed:
+                raise ConfigError(f"{section}.{name}: expected int, got {text!r}") from None
+    if float in allowed:
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(f"{section}.{name}: expected float, got {text!r}") from None
+    return text
+
+
+def _check_choice(section: str, name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{section}.{name}: must be one of {', '.join(choices)}; got {value!r}")
+
+
+class Section:
+    """Base for config sections: type checking on construction, dict round trip."""
+
+    section_name: typing.ClassVar[str] = ""
+
+    def _check_types(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            object.__setattr__(self, f.name, _coerce(self.section_name, f.name, value, hints[f.name]))
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Section:
+        """Build from a dict (TOML table, JSON object); unknown keys are errors naming the key."""
+        for key in values:
+            cls.check_field_name(key)
+        return cls(**values)
+
+    @classmethod
+    def check_field_name(cls, key: str) -> None:
+        known = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+        if key not in known:
+            raise ConfigError(f"{cls.section_name}.{key}: unknown field; known fields: {', '.join(known)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def field_help(cls) -> list[str]:
+        """One line per field for `--help`: name, type, default and the field's description."""
+        hints = typing.get_type_hints(cls)
+        lines = []
+        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+            default = f.default if f.default is not dataclasses.MISSING else None
+            type_name = getattr(hints[f.name], "__name__", str(hints[f.name]))
+            lines.append(f"  --{cls.section_name}.{f.name} {type_name} (default {default!r})  {f.metadata.get('help', '')}")
+        return lines
+
+
+# ----------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig(Section):
+    """The shape of a transformer; the GPT-2 and Llama families differ only in these values."""
+
+    section_name: typing.ClassVar[str] = "model"
+
+    vocab_size: int = field(default=50257, metadata={"help": "rows of the token embedding / LM head"})
+    context_length: int = field(default=1024, metadata={"help": "longest sequence the model sees"})
+    d_model: int = field(default=768, metadata={"help": "width of the residual stream"})
+    n_layer: int = field(default=12, metadata={"help": "number of transformer blocks"})
+    n_head: int = field(default=12, metadata={"help": "query heads per attention layer"})
+    n_kv_head: int | None = field(default=None, metadata={"help": "key/value heads (grouped-query); None = n_head"})
+    d_ff: int | None = field(default=None, metadata={"help": "hidden width of the MLP; None = 4 * d_model"})
+    norm: str = field(default="layernorm", metadata={"help": "layernorm | rmsnorm"})
+    norm_eps: float = field(default=1e-5, metadata={"help": "epsilon inside the norms"})
+    pos_emb: str = field(default="learned", metadata={"help": "learned | rope"})
+    rope_theta: float = field(default=10000.0, metadata={"help": "RoPE base frequency"})
+    mlp: str = field(default="gelu", metadata={"help": "gelu (GPT-2, tanh approximation) | swiglu (Llama)"})
+    bias: bool = field(default=True, metadata={"help": "biases in linear layers and LayerNorm"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout on embeddings, attention and residuals"})
+    tie_embeddings: bool = field(default=True, metadata={"help": "LM head shares the token embedding matrix"})
+    attn_impl: str = field(default="sdpa", metadata={"help": "manual (plain tensor code) | sdpa (fused kernel)"})
+
+    def __post_init__(self) -> None:
+        self._check_types()
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.d_ff is None:
+            self.d_ff = 4 * self.d_model
+        for name in ("vocab_size", "context_length", "d_model", "n_layer", "n_head", "n_kv_head", "d_ff"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"model.{name}: must be positive, got {getattr(self, name)}")
+        if self.d_model % self.n_head != 0:
+            raise ConfigError(f"model.n_head: d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
+        if self.n_head % self.n_kv_head != 0:
+            raise ConfigError(
+                f"model.n_kv_head: n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})"
+            )
+        if self.pos_emb == "rope" and self.head_dim % 2 != 0:
+            raise ConfigError(f"model.pos_emb: rope needs an even head_dim, got {self.head_dim}")
+        _check_choice("model", "norm", self.norm, ("layernorm", "rmsnorm"))
+        _check_choice("model", "pos_emb", self.pos_emb, ("learned", "rope"))
+        _check_choice("model", "mlp", self.mlp, ("gelu", "swiglu"))
+        _check_choice("model", "attn_impl", self.attn_impl, ("manual", "sdpa"))
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout: must be in [0, 1), got {self.dropout}")
+        if self.norm_eps <= 0 or self.rope_theta <= 0:
+            raise ConfigError("model.norm_eps and model.rope_theta must be positive")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> ModelConfig:
+        """A named architecture, optionally with some fields changed: `ModelConfig.preset("tiny", n_layer=2)`."""
+        if name not in PRESETS:
+            raise ConfigError(f"model.preset: unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
+        # Merge before resolving, so derived fields (d_ff, n_kv_head) follow overridden ones (d_model, n_head).
+        return cls.from_dict({**PRESETS[name], **overrides})  # type: ignore[return-value]
+
+
+def _gpt2(n_layer: int, n_head: int, d_model: int) -> dict[str, Any]:
+    return dict(vocab_size=50257, context_length=1024, d_model=d_model, n_layer=n_layer, n_head=n_head)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # A model small enough to train on a laptop CPU in minutes (GPT-2 tokenizer and architecture).
+    "tiny": dict(vocab_size=50257, context_length=256, d_model=256, n_layer=4, n_head=4),
+    "gpt2-124m": _gpt2(12, 12, 768),
+    "gpt2-355m": _gpt2(24, 16, 1024),
+    "gpt2-774m": _gpt2(36, 20, 1280),
+    "gpt2-1558m": _gpt2(48, 25, 1600),
+    # SmolLM2-135M: Llama architecture with grouped-query attention and a tied head.
+    "smollm2-135m": dict(
+        vocab_size=49152, context_length=8192, d_model=576, n_layer=30, n_head=9, n_kv_head=3, d_ff=1536,
+        norm="rmsnorm", norm_eps=1e-5, pos_emb="rope", rope_theta=100000.0, mlp="swiglu", bias=False,
+        tie_embeddings=True,
+    ),
+}
+
+
+# ----------------------------------------------------------------------------
+# Training and data
+# ----------------------------------------------------------------------------
+
+
+@dataclass
+class TrainConfig(Section):
+    """How a run trains: optimizer, schedule, batch, evaluation, checkpoints, logging."""
+
+    section_name: typing.ClassVar[str] = "train"
+
+    out_dir: str = field(default="", metadata={"help": "run folder; empty = runs/<script>-<timestamp>"})
+    max_steps: int = field(default=1000, metadata={"help": "optimizer steps to train"})
+    batch_size: int = field(default=8, metadata={"help": "sequences per micro-batch (per process)"})
+    grad_accum_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    lr: float = field(default=6e-4, metadata={"help": "peak learning rate"})
+    min_lr: float = field(default=6e-5, metadata={"help": "learning rate at the end of the cosine decay"})
+    warmup_steps: int = field(default=100, metadata={"help": "linear warmup steps"})
+    schedule: str = field(default="cosine", metadata={"help": "cosine | constant (after warmup)"})
+    weight_decay: float = field(default=0.1, metadata={"help": "decoupled weight decay on 2-D weights"})
+    beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
+    beta2: float = field(default=0.95, metadata={"help": "AdamW beta2"})
+    eps: float = field(default=1e-8, metadata={"help": "AdamW epsilon"})
+    grad_clip: float = field(default=1.0, metadata={"help": "clip the global gradient norm; 0 = off"})
+    eval_interval: int = field(default=100, metadata={"help": "steps between evaluations (and checkpoints)"})
+    eval_batches: int = field(default=20, metadata={"help": "validation batches per evaluation"})
+    patience: int = field(default=0, metadata={"help": "stop after this many evaluations without improvement; 0 = off"})
+    log_interval: int = field(default=10, metadata={"help": "steps between training-loss lines in metrics.jsonl"})
+    seed: int = field(default=1337, metadata={"help": "seeds torch, numpy, python and the data order"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N | mps"})
+    dtype: str = field(default="auto", metadata={"help": "auto | float32 | bfloat16 | float16 (autocast precision)"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the model and loss"})
+    resume: str = field(default="", metadata={"help": "'auto' (latest checkpoint in out_dir) or a checkpoint path"})
+    wandb_project: str = field(default="", metadata={"help": "log to this Weights & Biases project (if installed)"})
+    tensorboard: bool = field(default=False, metadata={"help": "also log to TensorBoard in out_dir (if installed)"})
+
+    def __post_init__(self) -> None:
+        self._check_types()
+        for name in ("max_steps", "batch_size", "grad_accum_steps", "eval_interval", "eval_batches", "log_interval"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"train.{name}: must be positive, got {getattr(self, name)}")
+        for name in ("warmup_steps", "patience", "weight_decay", "grad_clip", "min_lr"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name}: must not be negative, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr: must be positive, got {self.lr}")
+        _check_choice("train", "schedule", self.schedule, ("cosine", "constant"))
+        _check_choice("train", "dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
+
+
+@dataclass
+class DataConfig(Section):
+    """Where pretraining text comes from and how it is cut into windows."""
+
+    section_name: typing.ClassVar[str] = "data"
+
+    path: str = field(default="data/botchan.txt", metadata={"help": ".txt file, folder, .jsonl, or a prepared token folder"})
+    val_fraction: float = field(default=0.1, metadata={"help": "share of documents (or tail of a single one) for validation"})
+    stride: int = field(default=0, metadata={"help": "step between training windows; 0 = context_length"})
+
+    def __post_init__(self) -> None:
+        self._check_types()
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction: must be in (0, 1), got {self.val_fraction}")
+        if self.stride < 0:
+            raise ConfigError(f"data.stride: must not be negative, got {self.stride}")
+
+
+# ----------------------------------------------------------------------------
+# TOML files and --section.field overrides
+# ----------------------------------------------------------------------------
+
+
+def parse_overrides(args: list[str]) -> dict[str, dict[str, str]]:
+    """`["--train.lr", "1e-3", "--model.n_layer=4"]` -> `{"train": {"lr": "1e-3"}, "model": {"n_layer": "4"}}`."""
+    overrides: dict[str, dict[str, str]] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+            raise ConfigError(f"unrecognized argument {arg!r}; overrides look like --section.field value")
+        key, sep, value = arg[2:].partition("=")
+        if not sep:
+            if i + 1 >= len(args):
+                raise ConfigError(f"{key}: missing a value after --{key}")
+            value = args[i + 1]
+            i += 1
+        section, _, name = key.partition(".")
+        overrides.setdefault(section, {})[name] = value
+        i += 1
+    return overrides
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """Read a TOML config file; a missing file or a syntax error names the file."""
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: invalid TOML: {err}") from None
+
+
+def build_config(
+    sections: dict[str, type[Section]],
+    toml: dict[str, Any] | None = None,
+    overrides: dict[str, dict[str, str]] | None = None,
+) -> dict[str, Section]:
+    """Resolve each section from its defaults, a TOML dict and command-line overrides.
+
+    The `[model]` table may name `preset = "tiny"` to start from a preset instead of the defaults.
+    """
+    toml = dict(toml or {})
+    overrides = overrides or {}
+    for name in list(toml) + list(overrides):
+        if name not in sections:
+            raise ConfigError(f"{name}: unknown config section; known sections: {', '.join(sections)}")
+    resolved: dict[str, Section] = {}
+    for name, cls in sections.items():
+        table = dict(toml.get(name, {}))
+        if not isinstance(toml.get(name, {}), dict):
+            raise ConfigError(f"{name}: expected a table [{name}]")
+        hints = typing.get_type_hints(cls)
+        section_overrides = dict(overrides.get(name, {}))
+        preset = section_overrides.pop("preset", table.pop("preset", None)) if cls is ModelConfig else None
+        for key, text in section_overrides.items():
+            cls.check_field_name(key)
+            table[key] = _parse_cli_value(name, key, text, hints[key])
+        resolved[name] = ModelConfig.preset(preset, **table) if preset is not None else cls.from_dict(table)
+    return resolved
+
+
+def load_config(
+    sections: dict[str, type[Section]], config_path: str | Path | None, override_args: list[str]
+) -> dict[str, Section]:
+    """The whole three-layer resolution for a script: defaults, `--config FILE`, `--section.field value`."""
+    toml = read_toml(config_path) if config_path else {}
+    return build_config(sections, toml, parse_overrides(override_args))
+
+
+def save_config_json(config: dict[str, Section], path: str | Path) -> None:
+    """Write the resolved config as JSON (the run folder's `config.json`)."""
+    Path(path).write_text(json.dumps({name: s.to_dict() for name, s in config.items()}, indent=2) + "\n")

@@ -1,0 +1,371 @@
+"""The transformer, written by hand and meant to be read top to bottom.
+
+One `ModelConfig` covers both families:
+
+    GPT-2:  learned positions, LayerNorm, GELU MLP, biases, multi-head attention
+    Llama:  RoPE,              RMSNorm,   SwiGLU MLP, no biases, grouped-query attention
+
+Data flow for a batch of token ids (B = batch, T = sequence length, D = d_model):
+
+    input_ids (B, T)
+      -> tok_emb (+ pos_emb when learned)             (B, T, D)
+      -> n_layer x Block: x + attn(norm(x)); x + mlp(norm(x))
+      -> final_norm                                   (B, T, D)
+      -> lm_head                                      (B, T, vocab_size) logits
+
+A `KVCache` keeps the keys and values of earlier positions so that generation
+feeds one new token per step instead of the whole sequence again.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+
+# ----------------------------------------------------------------------------
+# Normalization
+# ----------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    """Scale each vector to unit root-mean-square, then by a learned gain (no centering, no bias)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_float = x.float()  # the mean of squares in float32, whatever the input precision
+        normed = x_float * torch.rsqrt(x_float.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return self.weight * normed.type_as(x)
+
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.d_model, config.norm_eps)
+    return nn.LayerNorm(config.d_model, eps=config.norm_eps, bias=config.bias)
+
+
+# ----------------------------------------------------------------------------
+# Rotary position embedding (RoPE)
+# ----------------------------------------------------------------------------
+
+
+def rope_tables(head_dim: int, max_positions: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables, each (max_positions, head_dim), in the rotate-halves layout.
+
+    Pair i of a head vector is (x[i], x[i + head_dim/2]); it turns by the angle
+    position * theta^(-2i / head_dim), so the query-key product depends only on
+    the distance between the two positions.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))  # (hd/2,)
+    angles = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)  # (P, hd/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (P, hd): both halves of a pair share an angle
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each (x[i], x[i + hd/2]) pair of `x` (B, H, T, hd) by its position's angle."""
+    first, second = x.chunk(2, dim=-1)
+    rotated_by_90 = torch.cat([-second, first], dim=-1)
+    return x * cos.to(x.dtype) + rotated_by_90 * sin.to(x.dtype)
+
+
+# ----------------------------------------------------------------------------
+# Key/value cache for incremental decoding
+# ----------------------------------------------------------------------------
+
+
+class KVCache:
+    """Preallocated keys and values of every layer, filled as generation advances.
+
+    Slots are shared by the whole batch: after a prefill of T tokens, slots
+    [0, T) hold the prompt and each decoding step writes one more slot. A row
+    whose prompt was left-padded marks its padding slots invalid in `key_valid`,
+    and `next_position` keeps each row's own position count (padding excluded).
+    """
+
+    def __init__(
+        self, config: ModelConfig, batch_size: int, max_length: int,
+        device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+    ) -> None:
+        shape = (config.n_layer, batch_size, config.n_kv_head, max_length, config.head_dim)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.key_valid = torch.ones(batch_size, max_length, device=device, dtype=torch.bool)
+        self.next_position = torch.zeros(batch_size, device=device, dtype=torch.long)
+        self.length = 0  # slots filled so far
+        self.max_length = max_length
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's k, v (B, n_kv_head, T, hd); return all keys and values so far (B, n_kv_head, S, hd)."""
+        end = self.length + k.shape[2]
+        self.keys[layer, :, :, self.length:end] = k
+        self.values[layer, :, :, self.length:end] = v
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+
+# ----------------------------------------------------------------------------
+# Attention, MLP, block
+# ----------------------------------------------------------------------------
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head attention where each position sees only itself and earlier positions.
+
+    With n_kv_head < n_head (grouped-query attention), each key/value head serves
+    n_head / n_kv_head query heads.
+    """
+
+    def __init__(self, config: ModelConfig, layer_index: int) -> None:
+        super().__init__()
+        self.layer_index = layer_index
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        self.attn_impl = config.attn_impl
+        self.dropout = config.dropout
+        self.q_proj = nn.Linear(config.d_model, config.n_head * config.head_dim, bias=config.bias)
+        self.k_proj = nn.Linear(config.d_model, config.n_kv_head * config.head_dim, bias=config.bias)
+        self.v_proj = nn.Linear(config.d_model, config.n_kv_head * config.head_dim, bias=config.bias)
+        self.out_proj = nn.Linear(config.n_head * config.head_dim, config.d_model, bias=config.bias)
+        self.attn_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        allowed: torch.Tensor | None,
+        cache: KVCache | None,
+    ) -> torch.Tensor:
+        """x (B, T, D) -> (B, T, D). `allowed` (B, 1, T, S) says which keys each query may see; None = plain causal."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv_head, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv_head, T, hd)
+        if rope is not None:
+            cos, sin = rope
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_index, k, v)  # (B, n_kv_head, S, hd), S = cached + T
+        if self.n_kv_head != self.n_head:  # grouped-query: repeat each key/value head for its query heads
+            group = self.n_head // self.n_kv_head
+            k = k.repeat_interleave(group, dim=1)  # (B, n_head, S, hd)
+            v = v.repeat_interleave(group, dim=1)
+
+        if self.attn_impl == "manual":
+            out = self._manual_attention(q, k, v, allowed)
+        else:
+            dropout_p = self.dropout if self.training else 0.0
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=allowed, dropout_p=dropout_p, is_causal=allowed is None
+            )
+        out = out.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, D)
+        return self.resid_dropout(self.out_proj(out))
+
+    def _manual_attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None
+    ) -> torch.Tensor:
+        """softmax(q k^T / sqrt(hd) + causal mask) v, in plain tensor code. q (B, H, T, hd), k, v (B, H, S, hd)."""
+        T, S = q.shape[2], k.shape[2]
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, H, T, S)
+        if allowed is None:  # query i sees keys 0..i
+            allowed = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        weights = torch.softmax(scores.float(), dim=-1).to(q.dtype)  # each row sums to 1 over visible keys
+        weights = self.attn_dropout(weights)
+        return weights @ v  # (B, H, T, hd)
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward: GELU (GPT-2) or SwiGLU (Llama)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.kind = config.mlp
+        if self.kind == "swiglu":
+            self.gate_proj = nn.Linear(config.d_model, config.d_ff, bias=config.bias)
+        self.up_proj = nn.Linear(config.d_model, config.d_ff, bias=config.bias)
+        self.down_proj = nn.Linear(config.d_ff, config.d_model, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "swiglu":
+            hidden = F.silu(self.gate_proj(x)) * self.up_proj(x)  # (B, T, d_ff)
+        else:
+            hidden = F.gelu(self.up_proj(x), approximate="tanh")  # (B, T, d_ff)
+        return self.dropout(self.down_proj(hidden))  # (B, T, D)
+
+
+class Block(nn.Module):
+    """A pre-norm transformer block: x + attention(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: ModelConfig, layer_index: int) -> None:
+        super().__init__()
+        self.attn_norm = make_norm(config)
+        self.attn = CausalSelfAttention(config, layer_index)
+        self.mlp_norm = make_norm(config)
+        self.mlp = MLP(config)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        allowed: torch.Tensor | None,
+        cache: KVCache | None,
+    ) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), rope, allowed, cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+# ----------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------
+
+
+class GPT(nn.Module):
+    """A decoder-only transformer language model: `model(input_ids)` -> logits (B, T, vocab_size)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
+        self.pos_emb = nn.Embedding(config.context_length, config.d_model) if config.pos_emb == "learned" else None
+        self.emb_dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.final_norm = make_norm(config)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        self.reset_rope_tables()
+        self.apply(self._init_weights)
+        # GPT-2 scaling: each block adds two residual branches, so their output projections
+        # start smaller (std / sqrt(2 * n_layer)) to keep the residual stream's variance in check.
+        for name, param in self.named_parameters():
+            if name.endswith(("attn.out_proj.weight", "mlp.down_proj.weight")):
+                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def reset_rope_tables(self, device: torch.device | str | None = None) -> None:
+        """(Re)build the RoPE cos/sin tables; they are derived from the config, never saved."""
+        if self.config.pos_emb != "rope":
+            self.register_buffer("rope_cos", None, persistent=False)
+            self.register_buffer("rope_sin", None, persistent=False)
+            return
+        cos, sin = rope_tables(self.config.head_dim, self.config.context_length, self.config.rope_theta)
+        self.register_buffer("rope_cos", cos.to(device), persistent=False)  # (context_length, hd)
+        self.register_buffer("rope_sin", sin.to(device), persistent=False)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        cache: KVCache | None = None,
+        padding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The final-normed hidden states (B, T, D) before the LM head.
+
+        `padding_mask` (B, T), True at real tokens, marks left padding: padded
+        positions are neither attended to nor counted in position ids.
+        """
+        B, T = input_ids.shape
+        start = cache.length if cache is not None else 0
+        if start + T > self.config.context_length:
+            raise ValueError(f"sequence of {start + T} tokens exceeds context_length {self.config.context_length}")
+        if cache is not None and start + T > cache.max_length:
+            raise ValueError(f"KV cache holds {cache.max_length} positions; {start + T} needed")
+
+        # Position ids: 0, 1, 2, ... per row, continuing from the cache and skipping left padding.
+        if padding_mask is None and cache is None:
+            positions = torch.arange(T, device=input_ids.device)  # (T,) shared by all rows
+        else:
+            steps = padding_mask.long().cumsum(dim=1) - 1 if padding_mask is not None else torch.arange(
+                T, device=input_ids.device
+            ).expand(B, T)
+            offset = cache.next_position[:, None] if cache is not None else 0
+            positions = (offset + steps).clamp(min=0)  # (B, T)
+
+        allowed = self._allowed_keys(T, start, cache, padding_mask)
+
+        x = self.tok_emb(input_ids)  # (B, T, D)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(positions)
+        x = self.emb_dropout(x)
+        rope = None
+        if self.rope_cos is not None:
+            # (T, hd) -> (1, 1, T, hd), or (B, T, hd) -> (B, 1, T, hd): broadcast over heads
+            rope = (self.rope_cos[positions].unsqueeze(-3), self.rope_sin[positions].unsqueeze(-3))
+        for block in self.blocks:
+            x = block(x, rope, allowed, cache)
+        if cache is not None:
+            cache.length += T
+            cache.next_position += padding_mask.sum(dim=1) if padding_mask is not None else T
+        return self.final_norm(x)
+
+    @staticmethod
+    def _allowed_keys(
+        T: int, start: int, cache: KVCache | None, padding_mask: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """Which keys each query may attend to, (B, 1, T, S) bool; None for the plain causal case."""
+        if cache is None and padding_mask is None:
+            return None
+        if cache is not None:
+            if padding_mask is not None:
+                cache.key_valid[:, start:start + T] = padding_mask
+            key_valid = cache.key_valid[:, :start + T]  # (B, S)
+        else:
+            key_valid = padding_mask
+        S = start + T
+        device = key_valid.device
+        key_slot = torch.arange(S, device=device)[None, :]  # (1, S)
+        query_slot = start + torch.arange(T, device=device)[:, None]  # (T, 1)
+        causal = key_slot <= query_slot  # (T, S)
+        # A padding query sees only itself, so no softmax row is empty.
+        allowed = (causal[None] & key_valid[:, None, :]) | (key_slot == query_slot)[None]  # (B, T, S)
+        return allowed[:, None]  # (B, 1, T, S)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        cache: KVCache | None = None,
+        padding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Token ids (B, T) -> next-token logits (B, T, vocab_size)."""
+        return self.lm_head(self.hidden_states(input_ids, cache, padding_mask))
+
+    def new_cache(self, batch_size: int, max_length: int | None = None) -> KVCache:
+        """An empty KV cache on the model's device and dtype."""
+        weight = self.tok_emb.weight
+        length = max_length or self.config.context_length
+        return KVCache(self.config, batch_size, length, device=weight.device, dtype=weight.dtype)
+
+    # ------------------------------------------------------------------ helpers
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        """Distinct parameters (a tied head is counted once)."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs (forward + backward) per token.
+
+        6 FLOPs per weight that takes part in a matmul (2 forward, 4 backward), the LM head
+        included even when tied, plus the attention matmuls: scores and weighted sum,
+        2 * 2 * seq_len * d_model per layer forward, times 3 for forward + backward.
+        """
+        cfg = self.config
+        seq_len = seq_len or cfg.context_length
+        matmul_weights = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        attention = 12 * cfg.n_layer * seq_len * cfg.d_model
+        return 6 * matmul_weights + attention
