@@ -1,0 +1,380 @@
+"""Byte-level BPE tokenizers: GPT-2's, and the one stored inside a GGUF model file.
+
+Both are the same algorithm. Text is first cut into pieces by a regular
+expression (the pre-tokenizer: words with their leading space, runs of digits,
+punctuation, whitespace), each piece becomes its UTF-8 bytes, and adjacent
+pieces of bytes are merged, most frequent pair first, until no learned merge
+applies. tiktoken runs that loop in Rust; this module only feeds it the right
+tables:
+
+* GPT-2 (`get_tokenizer("gpt2")`): the ranks file shipped in `gpt/assets/`
+  (`base64(token) rank` per line, identical to tiktoken's `r50k_base`), GPT-2's
+  pre-tokenizer and the special token `<|endoftext|>` = 50256. No network.
+* A GGUF file (`get_tokenizer("model.gguf")` or a known model name from
+  `gpt.fetch`): the vocabulary, merges and token types from the file's
+  `tokenizer.ggml.*` metadata. tiktoken wants each token's *rank* (its merge
+  order) as its number, which need not be the token's id in the model, so the
+  tokenizer keeps a rank -> id table and translates.
+
+    tok = get_tokenizer("gpt2")
+    tok.encode("Hello, world!")            # [15496, 11, 995, 0]
+    tok.decode([15496, 11, 995, 0])        # 'Hello, world!'
+    stream = tok.stream_decoder()          # for printing tokens as they arrive
+    text = "".join(stream.push(i) for i in ids) + stream.flush()
+
+Special tokens (`<|endoftext|>`, `<|im_start|>`, ...) typed into the input are
+encoded as ordinary text unless `allowed_special` says otherwise, so untrusted
+text can never inject a control token.
+"""
+
+from __future__ import annotations
+
+import base64
+import codecs
+import functools
+import os
+from collections.abc import Iterable, Sequence, Set
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import tiktoken
+
+from gpt.errors import UserError
+
+# GPT-2's pre-tokenizer: contractions, a letter run or a digit run or a
+# punctuation run each with at most one leading space, then whitespace. A
+# whitespace run followed by a word leaves its last space to that word. The
+# possessive `++` only stops useless backtracking; it does not change a split.
+GPT2_PATTERN = r"""'(?:s|t|re|ve|m|ll|d)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+
+# SmolLM's pre-tokenizer (Hugging Face: `Digits(individual_digits=True)` then
+# `ByteLevel`; llama.cpp: pre-tokenizer type "smollm"): every number character
+# is a piece of its own, then GPT-2's pattern runs on the text between them.
+# Written as one expression: `\p{N}` comes first, the ` ?\p{N}++` branch is
+# gone, and a whitespace run directly before a digit counts as ending its
+# segment, which is what `(?![^\s\p{N}])` says in place of GPT-2's `(?!\S)`.
+SMOLLM_PATTERN = r"""\p{N}|'(?:s|t|re|ve|m|ll|d)| ?\p{L}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?![^\s\p{N}])|\s"""
+
+# `tokenizer.ggml.pre` values this module knows how to split for.
+GGUF_PRE_TOKENIZERS = {"gpt2": GPT2_PATTERN, "smollm": SMOLLM_PATTERN}
+
+GPT2_EOT = "<|endoftext|>"
+GPT2_N_MERGEABLE = 50256
+
+# llama.cpp's token types (`tokenizer.ggml.token_type`).
+_TOKEN_NORMAL, _TOKEN_CONTROL, _TOKEN_USER_DEFINED = 1, 3, 4
+
+
+class Tokenizer:
+    """Text <-> token ids for one vocabulary; build it with `get_tokenizer`.
+
+    Attributes: `name`, `n_vocab` (ids run 0..n_vocab-1), `eot_id` (end of
+    text / end of turn: where generation stops), `bos_id` (or None), `pad_id`
+    (or None), `special_tokens` (text -> id) and `chat_template` (a Jinja
+    string, or None).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        encoding: tiktoken.Encoding,
+        bytes_of_id: list[bytes],
+        special_tokens: dict[str, int],
+        eot_id: int,
+        bos_id: int | None = None,
+        pad_id: int | None = None,
+        chat_template: str | None = None,
+        id_of_rank: np.ndarray | None = None,
+    ) -> None:
+        """`id_of_rank[r]` is the model id of tiktoken's rank `r`, -1 for a rank
+        to drop; None when ranks already are ids."""
+        self.name = name
+        self.n_vocab = len(bytes_of_id)
+        self.eot_id = eot_id
+        self.bos_id = bos_id
+        self.pad_id = pad_id
+        self.special_tokens = dict(special_tokens)
+        self.chat_template = chat_template
+        self._encoding = encoding
+        self._bytes_of_id = bytes_of_id
+        self._id_of_rank = id_of_rank
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({self.name!r}, n_vocab={self.n_vocab}, eot_id={self.eot_id})"
+
+    def encode(self, text: str, allowed_special: Literal["all"] | Set[str] = frozenset()) -> list[int]:
+        """Token ids of `text`. Special-token text is ordinary text unless named in
+        `allowed_special` (a set of special-token strings, or "all")."""
+        allowed = self._allowed_special(allowed_special)
+        ranks = self._encoding.encode(text, allowed_special=allowed, disallowed_special=())
+        return self._ids_of_ranks(ranks)
+
+    def encode_batch(
+        self, texts: Sequence[str], allowed_special: Literal["all"] | Set[str] = frozenset()
+    ) -> list[list[int]]:
+        """`encode` for many texts at once, on tiktoken's thread pool."""
+        allowed = self._allowed_special(allowed_special)
+        batches = self._encoding.encode_batch(list(texts), allowed_special=allowed, disallowed_special=())
+        return [self._ids_of_ranks(ranks) for ranks in batches]
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        """The raw bytes that `ids` stand for (a token can end mid-character)."""
+        ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+        if ids and (min(ids) < 0 or max(ids) >= self.n_vocab):
+            bad = next(i for i in ids if not 0 <= i < self.n_vocab)
+            raise ValueError(f"token id {bad} is outside the vocabulary of {self.name} (0..{self.n_vocab - 1})")
+        return b"".join([self._bytes_of_id[i] for i in ids])
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """The text `ids` stand for; bytes that are not valid UTF-8 become U+FFFD."""
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def stream_decoder(self) -> StreamDecoder:
+        """A decoder that takes one token at a time and returns only finished text."""
+        return StreamDecoder(self)
+
+    def _allowed_special(self, allowed_special: Literal["all"] | Set[str]) -> Set[str]:
+        if allowed_special == "all":
+            return set(self.special_tokens)
+        unknown = sorted(set(allowed_special) - self.special_tokens.keys())
+        if unknown:
+            raise UserError(
+                f"allowed_special names {unknown}, which {self.name} does not have; "
+                f"its special tokens are {sorted(self.special_tokens)}"
+            )
+        return set(allowed_special)
+
+    def _ids_of_ranks(self, ranks: list[int]) -> list[int]:
+        if self._id_of_rank is None:
+            return ranks
+        ids = self._id_of_rank[np.asarray(ranks, dtype=np.int64)]
+        return ids[ids >= 0].tolist()
+
+
+class StreamDecoder:
+    """Turns token ids, one at a time, into text that is safe to print.
+
+    A multi-byte character can be split across tokens (an emoji is often three
+    or four byte tokens); `push` holds back an incomplete UTF-8 sequence until
+    the token that completes it arrives. Joining every `push` and the final
+    `flush` gives exactly `tokenizer.decode(all_ids)`.
+    """
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self._tokenizer = tokenizer
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token_id: int) -> str:
+        """Add one token; return the text it completes (possibly "")."""
+        return self._utf8.decode(self._tokenizer.decode_bytes([token_id]))
+
+    def flush(self) -> str:
+        """End of stream: return what is held back (U+FFFD for a cut-off character)."""
+        return self._utf8.decode(b"", final=True)
+
+
+def get_tokenizer(name_or_path: str = "gpt2") -> Tokenizer:
+    """The tokenizer called `name_or_path`: "gpt2", a GGUF file, or a known model
+    name from `gpt.fetch.KNOWN_MODELS` (fetched on first use)."""
+    if name_or_path == "gpt2":
+        return _gpt2_tokenizer()
+    from gpt.fetch import KNOWN_MODELS, resolve_model
+
+    path = Path(name_or_path).expanduser()
+    if not path.exists() and name_or_path not in KNOWN_MODELS:
+        raise UserError(
+            f"unknown tokenizer {name_or_path!r}: expected 'gpt2', a .gguf file, "
+            f"or a known model ({', '.join(sorted(KNOWN_MODELS))})"
+        )
+    path = resolve_model(name_or_path).resolve()
+    if path.is_dir():
+        raise UserError(f"{path} is a folder; the tokenizer needs a .gguf file")
+    stat = path.stat()
+    return _gguf_tokenizer(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+# --- GPT-2 ---------------------------------------------------------------------
+
+
+def load_tiktoken_ranks(path: str | os.PathLike[str]) -> dict[bytes, int]:
+    """Parse a tiktoken ranks file: one `base64(token) rank` pair per line."""
+    ranks: dict[bytes, int] = {}
+    with open(path, "rb") as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                token_b64, rank = line.split()
+                ranks[base64.b64decode(token_b64, validate=True)] = int(rank)
+            except ValueError as err:
+                raise UserError(f"{path}, line {line_number}: expected 'base64-token rank', got {line[:80]!r}") from err
+    return ranks
+
+
+@functools.lru_cache(maxsize=1)
+def _gpt2_tokenizer() -> Tokenizer:
+    with resources.as_file(resources.files("gpt") / "assets" / "gpt2.tiktoken") as ranks_path:
+        ranks = load_tiktoken_ranks(ranks_path)
+    if len(ranks) != GPT2_N_MERGEABLE or sorted(ranks.values()) != list(range(GPT2_N_MERGEABLE)):
+        raise UserError(f"{ranks_path} is not GPT-2's ranks file: expected ranks 0..{GPT2_N_MERGEABLE - 1}")
+    eot_id = GPT2_N_MERGEABLE
+    encoding = tiktoken.Encoding("gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={GPT2_EOT: eot_id})
+    bytes_of_id = [b""] * (eot_id + 1)
+    for token, rank in ranks.items():
+        bytes_of_id[rank] = token
+    bytes_of_id[eot_id] = GPT2_EOT.encode()
+    return Tokenizer("gpt2", encoding, bytes_of_id, {GPT2_EOT: eot_id}, eot_id=eot_id, bos_id=eot_id)
+
+
+# --- GGUF ----------------------------------------------------------------------
+
+
+def _byte_alphabet() -> dict[str, int]:
+    """GPT-2's printable stand-in character for each byte, inverted: char -> byte.
+
+    Byte-level vocabularies are stored as text, with every byte written as a
+    visible character: printable Latin-1 bytes stand for themselves, and the
+    other 68 (control bytes, space, ...) take the characters from U+0100 on,
+    in byte order. So a leading space shows up as "Ġ" (U+0120).
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    char_of_byte = {b: chr(b) for b in printable}
+    others = [b for b in range(256) if b not in char_of_byte]
+    char_of_byte.update({b: chr(256 + n) for n, b in enumerate(others)})
+    return {char: b for b, char in char_of_byte.items()}
+
+
+def _read_gguf_metadata(path: Path) -> dict[str, Any]:
+    """The `tokenizer.*` metadata of a GGUF file, as Python values."""
+    try:
+        import gguf
+    except ImportError as err:
+        raise UserError(f"reading {path} needs the gguf package: pip install 'gpt[gguf]'") from err
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise UserError(f"{path} is not a GGUF file (it does not start with b'GGUF')")
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, OSError) as err:
+        raise UserError(f"cannot read GGUF file {path}: {err}") from err
+
+    def value(field: Any, index: int) -> Any:
+        part = field.parts[index]
+        if field.types[-1] == gguf.GGUFValueType.STRING:
+            return bytes(part).decode("utf-8")
+        return part.tolist()[0]
+
+    metadata = {}
+    for key, field in reader.fields.items():
+        if not key.startswith("tokenizer."):
+            continue
+        if field.types[0] == gguf.GGUFValueType.ARRAY:
+            metadata[key] = [value(field, i) for i in field.data]
+        else:
+            metadata[key] = value(field, field.data[0])
+    return metadata
+
+
+@functools.lru_cache(maxsize=4)
+def _gguf_tokenizer(path_str: str, mtime_ns: int, size: int) -> Tokenizer:
+    """Build the tokenizer of a GGUF file (cached on path, mtime and size)."""
+    path = Path(path_str)
+    meta = _read_gguf_metadata(path)
+
+    def require(key: str) -> Any:
+        if key not in meta:
+            raise UserError(f"{path} has no {key!r} metadata, which its tokenizer needs")
+        return meta[key]
+
+    model = require("tokenizer.ggml.model")
+    if model != "gpt2":
+        raise UserError(f"{path}: tokenizer.ggml.model is {model!r}; only byte-level BPE ('gpt2') is supported")
+    pre = require("tokenizer.ggml.pre")
+    if pre not in GGUF_PRE_TOKENIZERS:
+        raise UserError(f"{path}: tokenizer.ggml.pre is {pre!r}; supported: {', '.join(sorted(GGUF_PRE_TOKENIZERS))}")
+    tokens: list[str] = require("tokenizer.ggml.tokens")
+    token_types: list[int] = meta.get("tokenizer.ggml.token_type", [_TOKEN_NORMAL] * len(tokens))
+    if len(token_types) != len(tokens):
+        raise UserError(f"{path}: {len(tokens)} tokens but {len(token_types)} token types")
+
+    bytes_of_id, special_tokens = _vocabulary_bytes(path, tokens, token_types)
+    mergeable_ranks, id_of_rank = _merge_ranks(path, tokens, token_types, bytes_of_id, require("tokenizer.ggml.merges"))
+    # Special tokens take the ranks after all others; tiktoken matches them as whole strings.
+    special_ranks = {token: len(id_of_rank) + n for n, token in enumerate(special_tokens)}
+    id_of_rank.extend(special_tokens.values())
+    encoding = tiktoken.Encoding(
+        path.name, pat_str=GGUF_PRE_TOKENIZERS[pre], mergeable_ranks=mergeable_ranks, special_tokens=special_ranks
+    )
+    eos_id = require("tokenizer.ggml.eos_token_id")
+    return Tokenizer(
+        path.name,
+        encoding,
+        bytes_of_id,
+        special_tokens,
+        eot_id=meta.get("tokenizer.ggml.eot_token_id", eos_id),
+        bos_id=meta.get("tokenizer.ggml.bos_token_id"),
+        pad_id=meta.get("tokenizer.ggml.padding_token_id"),
+        chat_template=meta.get("tokenizer.chat_template"),
+        id_of_rank=np.asarray(id_of_rank, dtype=np.int64),
+    )
+
+
+def _vocabulary_bytes(path: Path, tokens: list[str], token_types: list[int]) -> tuple[list[bytes], dict[str, int]]:
+    """Each token's bytes, and the special tokens (control and user-defined) by text.
+
+    Special tokens are stored as plain text, every other token in the byte alphabet.
+    """
+    alphabet = _byte_alphabet()
+    bytes_of_id: list[bytes] = []
+    special_tokens: dict[str, int] = {}
+    for token_id, (token, token_type) in enumerate(zip(tokens, token_types, strict=True)):
+        if token_type in (_TOKEN_CONTROL, _TOKEN_USER_DEFINED):
+            special_tokens[token] = token_id
+            bytes_of_id.append(token.encode("utf-8"))
+            continue
+        try:
+            bytes_of_id.append(bytes(alphabet[char] for char in token))
+        except KeyError as err:
+            raise UserError(f"{path}: token {token_id} ({token!r}) is not written in the byte-level alphabet") from err
+    return bytes_of_id, special_tokens
+
+
+def _merge_ranks(
+    path: Path, tokens: list[str], token_types: list[int], bytes_of_id: list[bytes], merges: list[str]
+) -> tuple[dict[bytes, int], list[int]]:
+    """tiktoken's ranks (bytes -> rank) and the id of each rank (-1: drop it).
+
+    A rank is a merge's priority: single bytes first, then each merge's result
+    in merge order, so that of two adjacent pairs tiktoken merges the one whose
+    result ranks lower, just as BPE applies the earlier merge first. A normal
+    token that no merge makes gets no rank: BPE can never produce it.
+    """
+    id_of_token = {
+        token: token_id
+        for token_id, (token, token_type) in enumerate(zip(tokens, token_types, strict=True))
+        if token_type not in (_TOKEN_CONTROL, _TOKEN_USER_DEFINED)
+    }
+    ranked_ids = [id_of_token[char] for char in _byte_alphabet() if char in id_of_token]
+    for merge_index, merge in enumerate(merges):
+        pair = merge.split(" ")
+        merged_id = id_of_token.get("".join(pair)) if len(pair) == 2 else None
+        if merged_id is None:
+            raise UserError(f"{path}: merge {merge_index} ({merge!r}) does not make a token of the vocabulary")
+        ranked_ids.append(merged_id)
+
+    mergeable_ranks: dict[bytes, int] = {}
+    id_of_rank: list[int] = []
+    for token_id in ranked_ids:
+        if bytes_of_id[token_id] not in mergeable_ranks:
+            mergeable_ranks[bytes_of_id[token_id]] = len(id_of_rank)
+            id_of_rank.append(token_id)
+    # A byte missing from the vocabulary (SmolLM2 lacks 21, e.g. 0x04) still
+    # needs a rank for tiktoken to hold it; like Hugging Face's BPE without an
+    # unknown token, we then drop it from the ids.
+    for byte in range(256):
+        if bytes([byte]) not in mergeable_ranks:
+            mergeable_ranks[bytes([byte])] = len(id_of_rank)
+            id_of_rank.append(-1)
+    return mergeable_ranks, id_of_rank
