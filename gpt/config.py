@@ -258,6 +258,8 @@ class TrainConfig(Section):
                 raise ConfigError(f"train.{name}: must not be negative, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ConfigError(f"train.lr: must be positive, got {self.lr}")
+        if self.min_lr > self.lr:
+            raise ConfigError(f"train.min_lr: {self.min_lr} must not exceed train.lr ({self.lr})")
         _check_choice("train", "schedule", self.schedule, ("cosine", "constant"))
         _check_choice("train", "dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
 

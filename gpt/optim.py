@@ -1,0 +1,323 @@
+"""Optimization: a hand-written AdamW, the learning-rate schedule and gradient clipping.
+
+Everything the training loop needs to turn gradients into parameter updates:
+
+- `AdamW`: Adam with decoupled weight decay (Loshchilov & Hutter), a drop-in for
+  `torch.optim.AdamW` with the same constructor and the same state keys. It has
+  two code paths with the same math: a per-parameter loop that reads like the
+  equations, and a multi-tensor path (`torch._foreach_*`) that updates every
+  parameter of one device and dtype with a handful of kernel calls.
+- `param_groups`: splits a model's parameters into a group with weight decay
+  (matrices and embeddings) and a group without (biases and norm weights).
+- `lr_at`: linear warmup, then cosine decay to a floor (or a constant rate).
+- `clip_grad_norm`: rescales all gradients together so their global L2 norm is at
+  most `max_norm`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+
+Params = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
+
+SCHEDULES = ("cosine", "constant")
+
+# Per-tensor size of one batch of AdamW's multi-tensor path on the CPU: small enough that
+# a batch's parameters, gradients, moments and denominators stay in cache across the passes.
+FOREACH_CPU_BATCH_BYTES = 1 << 20
+
+# One parameter's share of an update: (param, grad, exp_avg, exp_avg_sq, −step size, √(1 − β2ᵗ)).
+_Row = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float, float]
+
+
+class AdamW(torch.optim.Optimizer):
+    """Adam with decoupled weight decay, written out by hand.
+
+    For each parameter θ with gradient g, at step t (counted per parameter from 1):
+
+        θ ← θ · (1 − lr·λ)                         decoupled weight decay
+        m ← β1·m + (1 − β1)·g                      first moment (mean of g)
+        v ← β2·v + (1 − β2)·g²                     second moment (mean of g²)
+        m̂ = m / (1 − β1ᵗ),  v̂ = v / (1 − β2ᵗ)       bias correction for the zero start
+        θ ← θ − lr · m̂ / (√v̂ + ε)
+
+    The constructor matches `torch.optim.AdamW`: `params` is an iterable of tensors
+    or of param-group dicts, and every group may override `lr`, `betas`, `eps`,
+    `weight_decay` and `foreach`. The training loop may set `param_groups[i]["lr"]`
+    before each step. Parameters whose `.grad` is None are skipped (their step
+    count does not advance). The state of each parameter is `step` (a Python int),
+    `exp_avg` (m) and `exp_avg_sq` (v), so `state_dict()` survives
+    `torch.load(weights_only=True)` and a resumed run continues bit for bit.
+
+    `foreach=False` takes the per-parameter loop; `True` or None (the default) the
+    multi-tensor path, which works on every device because it groups tensors by
+    device and dtype. Both paths round identically, so they give equal results.
+    """
+
+    def __init__(
+        self,
+        params: Params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        foreach: bool | None = None,
+    ) -> None:
+        if not lr >= 0.0:
+            raise ValueError(f"lr must be >= 0, got {lr}")
+        if not eps >= 0.0:
+            raise ValueError(f"eps must be >= 0, got {eps}")
+        for index, beta in enumerate(betas):
+            if not 0.0 <= beta < 1.0:
+                raise ValueError(f"betas[{index}] must be in [0, 1), got {beta}")
+        if not weight_decay >= 0.0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=foreach)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """Update every parameter that has a gradient; return `closure()`'s loss if one is given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            for p in params:
+                if p.grad.is_sparse or not p.is_floating_point():
+                    raise RuntimeError("AdamW needs real floating-point parameters with dense gradients")
+                self._count_step(p)
+            if group["foreach"] is False:
+                self._update_loop(group, params)
+            else:
+                self._update_foreach(group, params)
+        return loss
+
+    def _count_step(self, param: torch.Tensor) -> None:
+        """Advance the parameter's step count, creating zeroed moments on its first step."""
+        state = self.state[param]
+        if not state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        state["step"] += 1
+
+    def _update_loop(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        """The reference path: one parameter at a time, one line per equation."""
+        lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
+        beta1, beta2 = group["betas"]
+        for param in params:
+            grad = param.grad
+            state = self.state[param]
+            exp_avg, exp_avg_sq, step = state["exp_avg"], state["exp_avg_sq"], state["step"]
+
+            # θ ← θ · (1 − lr·λ)
+            if weight_decay != 0:
+                param.mul_(1 - lr * weight_decay)
+            # m ← β1·m + (1 − β1)·g, written as a lerp from m towards g
+            exp_avg.lerp_(grad, 1 - beta1)
+            # v ← β2·v + (1 − β2)·g²
+            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            # θ ← θ − lr/(1 − β1ᵗ) · m / (√v / √(1 − β2ᵗ) + ε)
+            #   = θ − lr · m̂ / (√v̂ + ε)
+            step_size, bias_correction2_sqrt = _bias_corrections(lr, beta1, beta2, step)
+            denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+            param.addcdiv_(exp_avg, denom, value=-step_size)
+
+    def _update_foreach(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        """The fast path: the loop's operations, each applied to a list of tensors at once.
+
+        A foreach op needs its tensors on one device with one dtype, so the parameters are
+        bucketed by (device, dtype). On CUDA a bucket goes whole: each op runs as a few
+        multi-tensor kernels. On the CPU a foreach op is a loop over its tensors, and nine passes over a
+        whole model's state run at memory speed; so there the bucket is cut into batches of
+        about `FOREACH_CPU_BATCH_BYTES` per tensor (big tensors sliced into pieces), and the
+        passes over one batch find it in the cache. Elementwise ops round the same either
+        way, so the result does not depend on the batching.
+        """
+        lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
+        beta1, beta2 = group["betas"]
+        buckets: dict[tuple[torch.device, torch.dtype], list[_Row]] = defaultdict(list)
+        for param in params:
+            state = self.state[param]
+            # Steps can differ between parameters (one may have missed a gradient), so the
+            # bias corrections go with each tensor.
+            step_size, bias_correction2_sqrt = _bias_corrections(lr, beta1, beta2, state["step"])
+            buckets[(param.device, param.dtype)].append(
+                (param, param.grad, state["exp_avg"], state["exp_avg_sq"], -step_size, bias_correction2_sqrt)
+            )
+
+        for (device, dtype), rows in buckets.items():
+            batches: Iterable[list[_Row]] = [rows]
+            if device.type == "cpu":
+                batches = _cache_sized_batches(rows, max(1, FOREACH_CPU_BATCH_BYTES // dtype.itemsize))
+            # The denominators of every batch live in one buffer: fresh temporaries per batch
+            # can cost a page fault per 4 KiB, depending on the state of glibc's malloc.
+            scratch = torch.empty(0, dtype=dtype, device=device)
+            for batch in batches:
+                columns = [list(column) for column in zip(*batch)]
+                thetas, grads, exp_avgs, exp_avg_sqs, neg_step_sizes, bias_corrections2_sqrt = columns
+                if weight_decay != 0:
+                    torch._foreach_mul_(thetas, 1 - lr * weight_decay)
+                torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+                torch._foreach_mul_(exp_avg_sqs, beta2)
+                torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+                batch_elements = sum(t.numel() for t in exp_avg_sqs)
+                if scratch.numel() < batch_elements:
+                    scratch = torch.empty(batch_elements, dtype=dtype, device=device)
+                denoms = _views_into(scratch, exp_avg_sqs)
+                torch._foreach_copy_(denoms, exp_avg_sqs)
+                torch._foreach_sqrt_(denoms)
+                torch._foreach_div_(denoms, bias_corrections2_sqrt)
+                torch._foreach_add_(denoms, eps)
+                torch._foreach_addcdiv_(thetas, exp_avgs, denoms, neg_step_sizes)
+
+
+def _views_into(buffer: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Consecutive views into the flat `buffer`, one per tensor of `like`, with its shape."""
+    views = []
+    offset = 0
+    for tensor in like:
+        views.append(buffer[offset : offset + tensor.numel()].view(tensor.shape))
+        offset += tensor.numel()
+    return views
+
+
+def _cache_sized_batches(rows: list[_Row], max_elements: int) -> Iterator[list[_Row]]:
+    """Regroup rows into batches of at most `max_elements` elements per tensor column.
+
+    A row whose tensors are bigger is cut into pieces (views into the same storage, so
+    updating a piece updates the tensor); small rows share a batch. A row with a
+    non-contiguous tensor cannot be sliced flat and travels whole, alone if need be.
+    """
+    batch: list[_Row] = []
+    batch_elements = 0
+    for *tensors, neg_step_size, bias_correction2_sqrt in rows:
+        numel = tensors[0].numel()
+        if all(t.is_contiguous() for t in tensors):
+            flat = [t.view(-1) for t in tensors]
+            pieces = [
+                [t[start : start + max_elements] for t in flat] for start in range(0, numel, max_elements)
+            ]
+        else:
+            pieces = [tensors]
+        for piece in pieces:
+            piece_elements = piece[0].numel()
+            if batch and batch_elements + piece_elements > max_elements:
+                yield batch
+                batch, batch_elements = [], 0
+            batch.append((*piece, neg_step_size, bias_correction2_sqrt))
+            batch_elements += piece_elements
+    if batch:
+        yield batch
+
+
+def _bias_corrections(lr: float, beta1: float, beta2: float, step: int) -> tuple[float, float]:
+    """Return (lr / (1 − β1ᵗ), √(1 − β2ᵗ)): the step size and the divisor of √v at step t."""
+    return lr / (1 - beta1**step), math.sqrt(1 - beta2**step)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Split the trainable parameters into a weight-decayed group and a group without decay.
+
+    Weight decay applies to tensors with two or more dimensions (matmul weights and
+    embeddings); biases and norm weights (one dimension) get none. Frozen parameters
+    are left out, a parameter shared by two modules appears once, and each group keeps
+    the order of `model.named_parameters()`. Empty groups are dropped.
+    """
+    trainable = [p for _, p in model.named_parameters() if p.requires_grad]
+    decayed = [p for p in trainable if p.ndim >= 2]
+    not_decayed = [p for p in trainable if p.ndim < 2]
+    groups = [
+        {"params": decayed, "weight_decay": weight_decay},
+        {"params": not_decayed, "weight_decay": 0.0},
+    ]
+    return [group for group in groups if group["params"]]
+
+
+def lr_at(
+    step: int,
+    *,
+    lr: float,
+    warmup_steps: int,
+    max_steps: int,
+    min_lr: float,
+    schedule: str = "cosine",
+) -> float:
+    """The learning rate for optimizer step `step` (0-based: the first update is step 0).
+
+    Warmup: steps 0 .. warmup_steps−1 rise linearly, step s getting lr·(s+1)/warmup_steps,
+    so step 0 already trains (at lr/warmup_steps) and the last warmup step reaches lr.
+    With schedule="constant" every later step gets lr. With schedule="cosine" the rate
+    then follows half a cosine from lr at step warmup_steps down to min_lr at step
+    max_steps, and stays at min_lr from there on:
+
+        progress = (s − warmup_steps) / (max_steps − warmup_steps)
+        lr_s     = min_lr + (lr − min_lr) · (1 + cos(π · progress)) / 2
+
+    A short run with max_steps <= warmup_steps ends inside the warmup (the schedule is
+    still defined: min_lr after warmup).
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    if not lr >= 0.0:
+        raise ValueError(f"lr must be >= 0, got {lr}")
+    if not 0.0 <= min_lr <= lr:
+        raise ValueError(f"min_lr must be in [0, lr={lr}], got {min_lr}")
+    if warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+    if max_steps < 0:
+        raise ValueError(f"max_steps must be >= 0, got {max_steps}")
+
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    if schedule == "constant":
+        return lr
+    if step >= max_steps:
+        return min_lr
+    progress = (step - warmup_steps) / (max_steps - warmup_steps)
+    return min_lr + (lr - min_lr) * (1 + math.cos(math.pi * progress)) / 2
+
+
+def clip_grad_norm(parameters: Iterable[torch.Tensor] | torch.Tensor, max_norm: float) -> torch.Tensor:
+    """Scale the gradients in place so their global L2 norm is at most `max_norm`; return that norm.
+
+    The global norm is √(Σ‖g‖²) over every parameter that has a gradient, taken before
+    clipping. When it exceeds `max_norm`, every gradient is multiplied by
+    max_norm / (norm + 1e-6) (the 1e-6 guards the division, as in
+    `torch.nn.utils.clip_grad_norm_`, whose results this matches). The norm comes back as
+    a 0-d tensor on the first gradient's device, without waiting for the device. It may
+    be inf or nan; the gradients are then unusable, and the caller should skip the step.
+    """
+    if not max_norm > 0.0:
+        raise ValueError(f"max_norm must be > 0, got {max_norm}")
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.tensor(0.0)
+    buckets: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = defaultdict(list)
+    for grad in grads:
+        buckets[(grad.device, grad.dtype)].append(grad)
+
+    norm_device = grads[0].device
+    per_tensor_norms = [
+        norm.to(norm_device) for bucket in buckets.values() for norm in torch._foreach_norm(bucket)
+    ]
+    total_norm = torch.linalg.vector_norm(torch.stack(per_tensor_norms))
+
+    # min(1, max_norm / norm) as a tensor: no .item(), so no wait for the device.
+    scale = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
+    for (device, _), bucket in buckets.items():
+        torch._foreach_mul_(bucket, scale.to(device))
+    return total_norm
