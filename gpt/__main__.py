@@ -14,6 +14,9 @@ from .errors import UserError, run_cli
 # verb -> ("module:function", one-line description); each function takes argv and returns an exit code
 VERBS: dict[str, tuple[str, str]] = {
     "generate": ("gpt.cli:generate_cli", "continue a prompt with a model (streams to the terminal)"),
+    "chat": ("gpt.cli:chat_cli", "talk with a model in the terminal (its chat template, streamed replies)"),
+    "evaluate": ("gpt.cli:evaluate_cli", "loss/perplexity on a text file, or responses to a batch of prompts"),
+    "convert": ("gpt.weights:convert_cli", "export a model to a Hugging Face folder transformers can load"),
     "prepare": ("gpt.data:prepare_cli", "tokenize a large corpus into uint16 token files for pretraining"),
     "fetch": ("gpt.fetch:fetch_cli", "download a known pretrained model into the local cache (explicit, once)"),
 }

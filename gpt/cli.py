@@ -1,99 +1,320 @@
-"""Command-line verbs that are about using a model rather than training one: generate (later chat, evaluate).
+"""Command-line verbs for using a model (rather than training one): generate, chat, evaluate.
 
 Each verb is a function `name_cli(argv) -> exit code`, dispatched from `python -m gpt`.
+Every verb takes a model the same way (`add_model_arguments`): `--model` with a known
+name (fetched on first use), a GGUF file, a Hugging Face folder, one of our checkpoints
+or run folders; `--checkpoint` as a synonym for the last; or `--preset` for a random-init
+model (a smoke test).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import sys
 import time
+from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
 
+from .checkpoint import atomic_write
 from .errors import UserError
+from .model import GPT
+from .tokenizer import Tokenizer, get_tokenizer
+from .train import pick_device
+
+# ----------------------------------------------------------------------------
+# Loading a model and its tokenizer
+# ----------------------------------------------------------------------------
 
 
-def pick_device(name: str = "auto") -> torch.device:
-    """`auto` -> cuda if available, else mps, else cpu; anything else as given."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    return torch.device(name)
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="known name (e.g. smollm2-135m-instruct), .gguf file, Hugging Face folder, "
+                                        "or a checkpoint / run folder of ours")
+    source.add_argument("--checkpoint", help="a checkpoint file or run folder written by our scripts")
+    source.add_argument("--preset", help="a random-init model of this preset (tiny, gpt2-124m, ...): a smoke test")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
 
 
-def load_for_inference(args: argparse.Namespace):
-    """The model and tokenizer named by --checkpoint or --preset."""
-    from .checkpoint import load_checkpoint, model_from_checkpoint
+def tokenizer_for(path: Path) -> Tokenizer:
+    """The tokenizer that goes with a model file or folder."""
+    if path.suffix == ".gguf":
+        return get_tokenizer(str(path))
+    config_file = path / "config.json" if path.is_dir() else None
+    if config_file is not None and config_file.exists():
+        model_type = json.loads(config_file.read_text()).get("model_type")
+        if model_type == "gpt2":
+            return get_tokenizer("gpt2")
+        raise UserError(f"{path}: no tokenizer support for Hugging Face model_type {model_type!r} folders yet; "
+                        "convert the model to GGUF or use a GPT-2 folder")
+    from .checkpoint import load_checkpoint
+
+    return get_tokenizer(load_checkpoint(path).get("tokenizer", "gpt2"))
+
+
+def load_model_and_tokenizer(args: argparse.Namespace) -> tuple[GPT, Tokenizer]:
+    """The model named by --model / --checkpoint / --preset, on the requested device, in eval mode."""
     from .config import ModelConfig
-    from .model import GPT
-    from .tokenizer import get_tokenizer
+    from .fetch import resolve_model
+    from .weights import load_pretrained
 
-    if args.checkpoint:
-        state = load_checkpoint(args.checkpoint)
-        model = model_from_checkpoint(state, args.checkpoint)
-        tokenizer = get_tokenizer(state.get("tokenizer", "gpt2"))
-    else:
+    if args.preset:
         torch.manual_seed(args.seed)
         model = GPT(ModelConfig.preset(args.preset))
         tokenizer = get_tokenizer("gpt2")
         print(f"[random-init {args.preset}: {model.num_parameters():,} parameters; expect gibberish]", file=sys.stderr)
+    else:
+        path = resolve_model(args.model or args.checkpoint)
+        model = load_pretrained(path)
+        tokenizer = tokenizer_for(path)
     if tokenizer.n_vocab > model.config.vocab_size:
-        raise UserError(
-            f"the tokenizer has {tokenizer.n_vocab} tokens but the model only {model.config.vocab_size}; "
-            "load this model with its own tokenizer"
-        )
-    return model, tokenizer
+        raise UserError(f"the tokenizer has {tokenizer.n_vocab} tokens but the model only "
+                        f"{model.config.vocab_size}; load this model with its own tokenizer")
+    return model.to(pick_device(args.device)).eval(), tokenizer
+
+
+def fit_prompt(ids: list[int], max_new_tokens: int, context_length: int) -> list[int]:
+    """Keep the prompt's last tokens so that prompt + reply fit in the context."""
+    room = context_length - max_new_tokens
+    if room < 1:
+        raise UserError(f"--max-new-tokens {max_new_tokens} leaves no room in the {context_length}-token context")
+    if len(ids) > room:
+        print(f"[prompt cut to its last {room} tokens to fit the context]", file=sys.stderr)
+    return ids[-room:]
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser, temperature: float) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate (default: %(default)s)")
+    parser.add_argument("--temperature", type=float, default=temperature, help="0 = greedy (default: %(default)s)")
+    parser.add_argument("--top-k", type=int, default=50, help="sample from the k most likely tokens; 0 = all")
+    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass, e.g. 0.9")
+
+
+def stream_reply(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], args: argparse.Namespace,
+                 generator: torch.Generator) -> tuple[str, int]:
+    """Generate after `prompt_ids`, printing text as it comes; returns the text and the token count.
+    Ctrl-C stops the reply early and keeps what was printed."""
+    from .generate import stream_tokens
+
+    decoder, pieces, count = tokenizer.stream_decoder(), [], 0
+    try:
+        for token in stream_tokens(model, [prompt_ids], args.max_new_tokens, args.temperature, args.top_k or None,
+                                   args.top_p, eos_id=tokenizer.eot_id, generator=generator):
+            token_id = int(token[0])
+            count += 1
+            if token_id == tokenizer.eot_id:
+                break
+            pieces.append(decoder.push(token_id))
+            sys.stdout.write(pieces[-1])
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        sys.stdout.write(" [stopped]")
+    pieces.append(decoder.flush())
+    sys.stdout.write(pieces[-1] + "\n")
+    return "".join(pieces), count
+
+
+# ----------------------------------------------------------------------------
+# generate
+# ----------------------------------------------------------------------------
 
 
 def generate_cli(argv: list[str]) -> int:
-    from .generate import stream_tokens
-
     parser = argparse.ArgumentParser(
         prog="python -m gpt generate",
         description="Continue a prompt with a model and stream the text to the terminal.",
     )
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="a checkpoint file or run folder written by pretrain.py")
-    source.add_argument("--preset", help="a random-init model of this preset (tiny, gpt2-124m, ...): a smoke test")
+    add_model_arguments(parser)
     parser.add_argument("--prompt", default="The", help="text to continue (default: %(default)r)")
-    parser.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate (default: %(default)s)")
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default: %(default)s)")
-    parser.add_argument("--top-k", type=int, default=50, help="sample from the k most likely tokens; 0 = all")
-    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass, e.g. 0.9")
-    parser.add_argument("--seed", type=int, default=0, help="random seed for sampling (default: %(default)s)")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (default: %(default)s)")
+    add_sampling_arguments(parser, temperature=0.8)
     args = parser.parse_args(argv)
 
-    device = pick_device(args.device)
-    model, tokenizer = load_for_inference(args)
-    model.to(device)
+    model, tokenizer = load_model_and_tokenizer(args)
     prompt_ids = tokenizer.encode(args.prompt)
     if not prompt_ids:
         raise UserError("--prompt is empty: give at least one character of text")
-    room = model.config.context_length - args.max_new_tokens
-    if room < 1:
-        raise UserError(f"--max-new-tokens {args.max_new_tokens} leaves no room in the {model.config.context_length}-token context")
-    if len(prompt_ids) > room:
-        print(f"[prompt cut to its last {room} tokens to fit the context]", file=sys.stderr)
-        prompt_ids = prompt_ids[-room:]
-
-    generator = torch.Generator(device=device).manual_seed(args.seed)
-    decoder = tokenizer.stream_decoder()
+    prompt_ids = fit_prompt(prompt_ids, args.max_new_tokens, model.config.context_length)
+    generator = torch.Generator(device=model.tok_emb.weight.device).manual_seed(args.seed)
     sys.stdout.write(args.prompt)
-    sys.stdout.flush()
-    start, count = time.perf_counter(), 0
-    for token in stream_tokens(model, [prompt_ids], args.max_new_tokens, args.temperature, args.top_k or None,
-                               args.top_p, eos_id=tokenizer.eot_id, generator=generator):
-        count += 1
-        sys.stdout.write(decoder.push(int(token[0])))
-        sys.stdout.flush()
-    sys.stdout.write(decoder.flush() + "\n")
+    start = time.perf_counter()
+    _, count = stream_reply(model, tokenizer, prompt_ids, args, generator)
     elapsed = time.perf_counter() - start
     print(f"[{count} tokens in {elapsed:.2f} s, {count / max(elapsed, 1e-9):.1f} tokens/s]", file=sys.stderr)
     return 0
 
 
+# ----------------------------------------------------------------------------
+# chat
+# ----------------------------------------------------------------------------
+
+
+def chat_cli(argv: list[str]) -> int:
+    from .prompts import chat_prompt
+
+    parser = argparse.ArgumentParser(
+        prog="python -m gpt chat",
+        description="Talk with a model in the terminal. Its chat template formats the conversation; replies stream "
+                    "as they are generated. Commands: /reset forgets the conversation, /exit (or Ctrl-D) quits; "
+                    "Ctrl-C stops a reply.",
+    )
+    add_model_arguments(parser)
+    parser.add_argument("--system", default=None, help="a system message to start the conversation with")
+    add_sampling_arguments(parser, temperature=0.0)
+    args = parser.parse_args(argv)
+
+    model, tokenizer = load_model_and_tokenizer(args)
+    generator = torch.Generator(device=model.tok_emb.weight.device).manual_seed(args.seed)
+    start_messages = [{"role": "system", "content": args.system}] if args.system else []
+    messages = list(start_messages)
+    print("[chat: /reset forgets, /exit or Ctrl-D quits, Ctrl-C stops a reply]", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        if not line.strip():
+            continue
+        if line.strip() == "/exit":
+            return 0
+        if line.strip() == "/reset":
+            messages = list(start_messages)
+            print("[conversation forgotten]", file=sys.stderr)
+            continue
+        messages.append({"role": "user", "content": line})
+        prompt_ids = tokenizer.encode(chat_prompt(messages, tokenizer), allowed_special="all")
+        while len(prompt_ids) + args.max_new_tokens > model.config.context_length and len(messages) > 1:
+            messages.pop(1 if messages[0]["role"] == "system" and len(messages) > 2 else 0)  # forget the oldest turn
+            prompt_ids = tokenizer.encode(chat_prompt(messages, tokenizer), allowed_special="all")
+        prompt_ids = fit_prompt(prompt_ids, args.max_new_tokens, model.config.context_length)
+        sys.stdout.write("bot> ")
+        reply, _ = stream_reply(model, tokenizer, prompt_ids, args, generator)
+        messages.append({"role": "assistant", "content": reply})
+
+
+# ----------------------------------------------------------------------------
+# evaluate: perplexity on a text file, or a batch of prompts -> responses
+# ----------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def sliding_window_loss(model: GPT, ids: list[int], window: int, stride: int, batch_size: int = 4) -> tuple[float, int]:
+    """Mean next-token loss over a long token list, scoring every token once with up to `window` tokens of context.
+
+    Window k covers ids[k*stride : k*stride + window]; it scores only the targets that earlier
+    windows did not, so each token after the first is predicted exactly once.
+    """
+    if len(ids) < 2:
+        raise UserError(f"the text has {len(ids)} token(s); at least 2 are needed to measure a loss")
+    device = model.tok_emb.weight.device
+    starts = list(range(0, max(len(ids) - window, 0) + stride, stride))
+    starts = [s for s in starts if s < len(ids) - 1]
+    total_loss, total_tokens, scored_until = 0.0, 0, 0  # scored_until: targets ids[1 .. scored_until] are done
+    progress = tqdm(total=len(ids) - 1, desc="evaluate", unit="tok", dynamic_ncols=True)
+    for first in range(0, len(starts), batch_size):
+        inputs, targets = [], []
+        for start in starts[first:first + batch_size]:
+            chunk = ids[start:start + window + 1]
+            target = chunk[1:]
+            already = max(0, scored_until - start)  # targets in this window that an earlier one scored
+            target = [-100] * already + target[already:]
+            scored_until = start + len(chunk) - 1
+            pad = window - (len(chunk) - 1)
+            inputs.append(chunk[:-1] + [0] * pad)
+            targets.append(target + [-100] * pad)
+        x = torch.tensor(inputs, device=device)
+        y = torch.tensor(targets, device=device)
+        logits = model(x)  # (B, window, V)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100, reduction="sum")
+        counted = int((y != -100).sum())
+        total_loss += loss.item()
+        total_tokens += counted
+        progress.update(counted)
+    progress.close()
+    return total_loss / total_tokens, total_tokens
+
+
+def read_prompts(path: Path) -> list[dict]:
+    """JSONL records with `prompt` (plain text) or `messages` (a chat); a bad line names the file and line."""
+    records = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: cannot read prompts ({err})") from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path}, line {number}: invalid JSON ({err.msg})") from None
+        if not isinstance(record, dict) or not ({"prompt", "messages"} & record.keys()):
+            raise UserError(f"{path}, line {number}: expected an object with a 'prompt' or 'messages' field")
+        records.append(record)
+    if not records:
+        raise UserError(f"{path}: no prompts in the file")
+    return records
+
+
+def evaluate_cli(argv: list[str]) -> int:
+    from .generate import generate
+    from .prompts import chat_prompt
+
+    parser = argparse.ArgumentParser(
+        prog="python -m gpt evaluate",
+        description="The batch test before training: loss and perplexity of a model on a text file (sliding "
+                    "windows), and/or responses to a JSONL file of prompts.",
+    )
+    add_model_arguments(parser)
+    parser.add_argument("--text", type=Path, help="a UTF-8 text file to measure loss and perplexity on")
+    parser.add_argument("--window", type=int, default=None, help="tokens of context per window (default: the model's "
+                                                                  "context length, at most 1024)")
+    parser.add_argument("--stride", type=int, default=None, help="step between windows (default: window / 2)")
+    parser.add_argument("--prompts", type=Path, help="JSONL with one {'prompt': ...} or {'messages': [...]} per line")
+    parser.add_argument("--out", type=Path, default=Path("responses.jsonl"), help="where responses go (JSONL)")
+    parser.add_argument("--template", choices=["auto", "chat", "none"], default="auto",
+                        help="wrap plain prompts in the model's chat template: auto = when the model has one")
+    parser.add_argument("--batch-size", type=int, default=8, help="prompts or windows per forward pass")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens per response (greedy)")
+    args = parser.parse_args(argv)
+    if not args.text and not args.prompts:
+        parser.error("give --text FILE, --prompts FILE.jsonl, or both")
+
+    model, tokenizer = load_model_and_tokenizer(args)
+    if args.text:
+        try:
+            text = args.text.read_text(encoding="utf-8-sig")
+        except (OSError, UnicodeDecodeError) as err:
+            raise UserError(f"{args.text}: cannot read the text ({err})") from None
+        window = args.window or min(model.config.context_length, 1024)
+        stride = args.stride or max(window // 2, 1)
+        ids = tokenizer.encode(text)
+        start = time.perf_counter()
+        loss, scored = sliding_window_loss(model, ids, window, stride, args.batch_size)
+        print(json.dumps({"file": str(args.text), "tokens": len(ids), "scored_tokens": scored, "loss": round(loss, 4),
+                          "perplexity": round(math.exp(loss), 3), "window": window, "stride": stride,
+                          "seconds": round(time.perf_counter() - start, 1)}))
+    if args.prompts:
+        records = read_prompts(args.prompts)
+        use_chat = args.template == "chat" or (args.template == "auto" and tokenizer.chat_template is not None)
+        texts = []
+        for record in records:
+            messages = record.get("messages") or [{"role": "user", "content": record["prompt"]}]
+            texts.append(chat_prompt(messages, tokenizer) if use_chat or "messages" in record else record["prompt"])
+        prompt_ids = [fit_prompt(tokenizer.encode(t, allowed_special="all"), args.max_new_tokens,
+                                 model.config.context_length) for t in texts]
+        lines = []
+        for first in tqdm(range(0, len(records), args.batch_size), desc="prompts", dynamic_ncols=True):
+            batch = prompt_ids[first:first + args.batch_size]
+            outputs = generate(model, batch, args.max_new_tokens, temperature=0.0, eos_id=tokenizer.eot_id)
+            for record, prompt, output in zip(records[first:], batch, outputs):
+                reply = [t for t in output[len(prompt):] if t != tokenizer.eot_id]
+                lines.append(json.dumps({**record, "response": tokenizer.decode(reply)}, ensure_ascii=False) + "\n")
+        atomic_write(args.out, lambda f: f.write("".join(lines).encode("utf-8")))
+        print(f"wrote {len(records)} responses to {args.out}")
+    return 0

@@ -339,11 +339,19 @@ class GPT(nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor,
+        targets: torch.Tensor | None = None,
         cache: KVCache | None = None,
         padding_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Token ids (B, T) -> next-token logits (B, T, vocab_size)."""
-        return self.lm_head(self.hidden_states(input_ids, cache, padding_mask))
+        """Token ids (B, T) -> next-token logits (B, T, vocab_size).
+
+        With `targets` (B, T) it returns the mean cross-entropy instead (targets of -100
+        are ignored), computed by `linear_cross_entropy` without materializing the logits.
+        """
+        hidden = self.hidden_states(input_ids, cache, padding_mask)  # (B, T, D)
+        if targets is None:
+            return self.lm_head(hidden)
+        return linear_cross_entropy(hidden.flatten(0, 1), self.lm_head.weight, targets.flatten())
 
     def new_cache(self, batch_size: int, max_length: int | None = None) -> KVCache:
         """An empty KV cache on the model's device and dtype."""
@@ -369,3 +377,75 @@ class GPT(nn.Module):
         matmul_weights = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
         attention = 12 * cfg.n_layer * seq_len * cfg.d_model
         return 6 * matmul_weights + attention
+
+
+# ----------------------------------------------------------------------------
+# The training loss, fused with the LM head
+# ----------------------------------------------------------------------------
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of `hidden @ weight.T` against `targets`, a chunk of rows at a time.
+
+    The plain way, `F.cross_entropy(lm_head(hidden), targets)`, builds the whole logits
+    tensor (B*T x vocab: 412 MB for 8 x 256 x 50k in float32), keeps it for backward and
+    makes a float32 copy under autocast. Here each chunk's logits live only briefly: the
+    forward pass computes the loss and, while the softmax is at hand, the gradients
+    with respect to `hidden` and `weight` (d loss / d logits = softmax - one_hot);
+    backward only scales them. Same FLOPs, a fraction of the memory traffic.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int):
+        # hidden (N, D), weight (V, D), targets (N,) with -100 = ignore
+        want_hidden_grad, want_weight_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        n_counted = (targets != -100).sum()
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if want_hidden_grad else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight_grad else None
+        for start in range(0, hidden.shape[0], chunk_rows):
+            h = hidden[start:start + chunk_rows]  # (c, D)
+            t = targets[start:start + chunk_rows]  # (c,)
+            counted = t != -100
+            safe_t = t.clamp(min=0)
+            logits = (h @ weight.T).float()  # (c, V)
+            log_norm = torch.logsumexp(logits, dim=-1)  # (c,)
+            target_logit = logits.gather(1, safe_t[:, None]).squeeze(1)  # (c,)
+            total += ((log_norm - target_logit) * counted).sum()
+            if want_hidden_grad or want_weight_grad:
+                grad_logits = logits.sub_(log_norm[:, None]).exp_()  # softmax, in place of the logits
+                grad_logits[torch.arange(len(t), device=t.device), safe_t] -= 1.0  # minus one-hot
+                grad_logits *= counted[:, None]
+                grad_logits = grad_logits.to(h.dtype)
+                if want_hidden_grad:
+                    grad_hidden[start:start + chunk_rows] = grad_logits @ weight  # (c, D)
+                if want_weight_grad:
+                    grad_weight += (grad_logits.T @ h).float()  # (V, D)
+        n = n_counted.clamp(min=1).to(torch.float32)
+        ctx.save_for_backward(grad_hidden, grad_weight, n)
+        ctx.weight_dtype = weight.dtype
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        grad_hidden, grad_weight, n = ctx.saved_tensors
+        scale = grad_output / n
+        d_hidden = (grad_hidden * scale.to(grad_hidden.dtype)) if grad_hidden is not None else None
+        d_weight = (grad_weight * scale).to(ctx.weight_dtype) if grad_weight is not None else None
+        return d_hidden, d_weight, None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """`F.cross_entropy(hidden @ weight.T, targets, ignore_index=-100)` without the full logits tensor.
+
+    hidden (N, D), weight (V, D), targets (N,). Under autocast the matmuls run in the
+    autocast precision and the softmax in float32, as they would in the plain version.
+    """
+    if torch.is_autocast_enabled(hidden.device.type):
+        dtype = torch.get_autocast_dtype(hidden.device.type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+    else:
+        weight = weight.to(hidden.dtype)
+    chunk_rows = max(16, (1 << 22) // weight.shape[0])  # about 16 MB of float32 logits per chunk
+    with torch.autocast(hidden.device.type, enabled=False):
+        return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_rows)

@@ -176,3 +176,19 @@ def test_rmsnorm_equals_torch_rms_norm():
         norm.weight.uniform_(0.5, 1.5)
     x = torch.randn(2, 5, 48) * 3
     torch.testing.assert_close(norm(x), F.rms_norm(x, (48,), norm.weight, eps=1e-5))
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_fused_loss_equals_cross_entropy_of_logits_with_gradients(tie):
+    model = model_for(small_config(tie_embeddings=tie)).train()
+    ids, targets = torch.randint(0, 97, (3, 20)), torch.randint(0, 97, (3, 20))
+    targets[0, :7] = -100  # ignored positions (e.g. a masked prompt)
+    reference = F.cross_entropy(model(ids).flatten(0, 1), targets.flatten(), ignore_index=-100)
+    reference.backward()
+    expected = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    fused = model(ids, targets=targets)
+    fused.backward()
+    torch.testing.assert_close(fused, reference, atol=1e-6, rtol=1e-6)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], atol=1e-6, rtol=1e-5, msg=name)
