@@ -67,8 +67,8 @@ def build_datasets(data: DataConfig, context_length: int, tokenizer) -> tuple[ob
         return TokenFileDataset(path / "train.bin", context_length), TokenFileDataset(path / "val.bin", context_length)
     train_tokens, val_tokens, _ = load_text_corpus(path, tokenizer, data.val_fraction)
     stride = data.stride or context_length
-    return (SlidingWindowDataset(train_tokens, context_length, stride),
-            SlidingWindowDataset(val_tokens, context_length, context_length))
+    return (SlidingWindowDataset(train_tokens, context_length, stride, name="the training split"),
+            SlidingWindowDataset(val_tokens, context_length, context_length, name="the validation split"))
 
 
 def greedy_sample(model: GPT, tokenizer, sample: SampleConfig) -> str:

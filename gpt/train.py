@@ -242,33 +242,22 @@ class MetricsLog:
 
 
 def measured_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
-    """Achievable matmul FLOP/s on this device in this precision, from a short square-matmul run (for MFU)."""
-    n = 2048 if device.type != "cpu" else 1024
+    """Achievable matmul FLOP/s on this device in this precision (for MFU): the best of a few timed
+    square matmuls, so a moment of contention on a shared machine does not lower the estimate."""
+    n = 4096 if device.type == "cuda" else 1024
     generator = torch.Generator(device=device).manual_seed(0)  # leaves the global RNG (and exact resume) alone
     a = torch.randn(n, n, device=device, dtype=dtype, generator=generator)
     b = torch.randn(n, n, device=device, dtype=dtype, generator=generator)
-    for _ in range(2):
+    best = math.inf
+    for _ in range(6):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
         a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    repeats = 20 if device.type != "cpu" else 4
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return 2 * n**3 * repeats / (time.perf_counter() - start)
-
-
-def move_to(batch: Any, device: torch.device) -> Any:
-    """Tensors in a batch (alone, or in tuples, lists and dicts) moved to `device`."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(move_to(item, device) for item in batch)
-    if isinstance(batch, dict):
-        return {key: move_to(value, device) for key, value in batch.items()}
-    return batch
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
 
 
 # ----------------------------------------------------------------------------
@@ -405,7 +394,8 @@ def train(task: TrainTask, cfg: TrainConfig, runtime: Runtime, run_config: dict[
     stopped_early = interrupted = False
     tokens_seen, train_seconds = 0, 0.0
     model.train()
-    progress = tqdm(total=cfg.max_steps, initial=step, desc="train", disable=not runtime.is_main, dynamic_ncols=True)
+    progress = tqdm(total=cfg.max_steps, initial=step, desc="train", disable=not runtime.is_main, dynamic_ncols=True,
+                    mininterval=1.0 if sys.stderr.isatty() else 30.0)  # a log file gets a line every 30 s
     try:
         with _StopSignal() as stop:
             while step < cfg.max_steps:
