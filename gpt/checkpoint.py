@@ -38,6 +38,9 @@ def atomic_write(path: str | Path, write: Any) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)  # the permissions a plainly created file would get, not mkstemp's 0600
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
