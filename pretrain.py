@@ -106,7 +106,10 @@ def main(argv: list[str] | None = None) -> int:
         batch_tokens=lambda batch: batch[1].numel(),
         tokenizer="gpt2",
     )
-    result = train(task, train_cfg, runtime, {name: s.to_dict() for name, s in config.items()})
+    try:
+        result = train(task, train_cfg, runtime, {name: s.to_dict() for name, s in config.items()})
+    finally:
+        runtime.close()
     if runtime.is_main:
         print(f"sample after training:  {greedy_sample(model, tokenizer, sample_cfg)!r}")
         if result.last_val:

@@ -7,6 +7,8 @@ The public API, in the order a model's life goes::
     tok = gpt.get_tokenizer("gpt2")
     out = gpt.generate(model, ids, max_new_tokens=50, temperature=0.0, eos_id=tok.eot_id)
     opt = gpt.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    model = gpt.load_pretrained(path)          # HF GPT-2 / Llama folder, GGUF file, our checkpoint
+    gpt.save_pretrained(model, out_dir)        # a folder transformers loads
 """
 
 from .config import ModelConfig, TrainConfig
@@ -14,5 +16,7 @@ from .generate import generate
 from .model import GPT, KVCache
 from .optim import AdamW
 from .tokenizer import get_tokenizer
+from .weights import load_pretrained, save_pretrained
 
-__all__ = ["ModelConfig", "TrainConfig", "GPT", "KVCache", "get_tokenizer", "generate", "AdamW"]
+__all__ = ["ModelConfig", "TrainConfig", "GPT", "KVCache", "get_tokenizer", "generate", "AdamW",
+           "load_pretrained", "save_pretrained"]

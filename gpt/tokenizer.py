@@ -231,7 +231,7 @@ def _gpt2_tokenizer() -> Tokenizer:
 # --- GGUF ----------------------------------------------------------------------
 
 
-def _byte_alphabet() -> dict[str, int]:
+def byte_alphabet() -> dict[str, int]:
     """GPT-2's printable stand-in character for each byte, inverted: char -> byte.
 
     Byte-level vocabularies are stored as text, with every byte written as a
@@ -326,7 +326,7 @@ def _vocabulary_bytes(path: Path, tokens: list[str], token_types: list[int]) -> 
 
     Special tokens are stored as plain text, every other token in the byte alphabet.
     """
-    alphabet = _byte_alphabet()
+    alphabet = byte_alphabet()
     bytes_of_id: list[bytes] = []
     special_tokens: dict[str, int] = {}
     for token_id, (token, token_type) in enumerate(zip(tokens, token_types, strict=True)):
@@ -356,7 +356,7 @@ def _merge_ranks(
         for token_id, (token, token_type) in enumerate(zip(tokens, token_types, strict=True))
         if token_type not in (_TOKEN_CONTROL, _TOKEN_USER_DEFINED)
     }
-    ranked_ids = [id_of_token[char] for char in _byte_alphabet() if char in id_of_token]
+    ranked_ids = [id_of_token[char] for char in byte_alphabet() if char in id_of_token]
     for merge_index, merge in enumerate(merges):
         pair = merge.split(" ")
         merged_id = id_of_token.get("".join(pair)) if len(pair) == 2 else None

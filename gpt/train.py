@@ -96,6 +96,12 @@ class Runtime:
     def distributed(self) -> bool:
         return self.world_size > 1
 
+    def close(self) -> None:
+        """Leave the process group together (a process that exits while others still talk to it aborts them)."""
+        if self.distributed and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype == torch.float32:
             return contextlib.nullcontext()
@@ -260,6 +266,17 @@ def measured_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
     return 2 * n**3 / best
 
 
+def move_to(batch: Any, device: torch.device) -> Any:
+    """Tensors in a batch (alone, or in tuples, lists and dicts) moved to `device`."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(move_to(item, device) for item in batch)
+    if isinstance(batch, dict):
+        return {key: move_to(value, device) for key, value in batch.items()}
+    return batch
+
+
 # ----------------------------------------------------------------------------
 # Exact-resume state
 # ----------------------------------------------------------------------------
@@ -398,6 +415,10 @@ def train(task: TrainTask, cfg: TrainConfig, runtime: Runtime, run_config: dict[
                     mininterval=1.0 if sys.stderr.isatty() else 30.0)  # a log file gets a line every 30 s
     try:
         with _StopSignal() as stop:
+            if step == 0:  # the untrained model's validation loss, the baseline of the curve
+                last_val = run_eval()
+                log.log({"step": 0, "split": "val", **last_val, "lr": 0.0, "tokens_per_s": 0.0})
+                say(f"step 0: val loss {last_val['loss']:.4f}, ppl {last_val['ppl']:.2f}")
             while step < cfg.max_steps:
                 started = time.perf_counter()
                 lr = lr_at(step, lr=cfg.lr, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps,

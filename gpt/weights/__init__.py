@@ -1,0 +1,23 @@
+"""Import and export of weights: Hugging Face GPT-2 and Llama folders, GGUF files, our checkpoints.
+
+    model = load_pretrained("path/to/hf-folder")        # GPT2LMHeadModel or LlamaForCausalLM
+    model = load_pretrained("model.gguf")               # llama architecture, any quantization gguf reads
+    model = load_pretrained("runs/pretrain-.../")       # our checkpoint file or run folder
+    model = load_pretrained("smollm2-135m-instruct")    # a known model, fetched once into ~/.cache/gpt
+    save_pretrained(model, "out/")                      # config.json + model.safetensors for transformers
+
+`python -m gpt convert SRC --out DIR` does both in one go (see `convert.py`).
+
+Modules: `load.py` tells the kinds of source apart, `assemble.py` fills a
+meta-device model tensor by tensor, `hf.py` reads and writes Hugging Face
+folders, `gguf.py` reads GGUF files, `tokenizer_files.py` writes Hugging Face
+tokenizer files, `convert.py` is the command line.
+"""
+
+from __future__ import annotations
+
+from .convert import convert_cli
+from .hf import save_pretrained
+from .load import load_pretrained, source_kind
+
+__all__ = ["load_pretrained", "save_pretrained", "source_kind", "convert_cli"]

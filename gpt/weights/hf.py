@@ -1,0 +1,551 @@
+"""Hugging Face model folders in and out: GPT-2 (`GPT2LMHeadModel`) and Llama (`LlamaForCausalLM`).
+
+A folder holds `config.json` and the weights: `model.safetensors`, shards listed
+in `model.safetensors.index.json`, or the older `pytorch_model.bin` (also
+sharded, with `pytorch_model.bin.index.json`).
+
+What differs from our layout:
+
+    GPT-2   `transformer.h.{i}.attn.c_attn` is q, k and v fused into one layer, and
+            every GPT-2 linear layer is a `Conv1D`, whose weight is stored
+            transposed: (in_features, out_features) where nn.Linear has (out, in).
+            Names: wte/wpe (embeddings), ln_1/ln_2/ln_f (norms), c_proj, c_fc.
+    Llama   the same tensors as ours under other names (`model.layers.{i}.self_attn.o_proj`
+            is our `blocks.{i}.attn.out_proj`); RoPE uses the same rotate-halves
+            layout, so no row shuffling is needed. `attention_bias` and `mlp_bias`
+            are separate switches; we have one `bias` field, so a model with only
+            one of them loads with zero biases in the other part.
+
+Both directions are exact: a model loaded and written back gives the same logits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, NoReturn
+
+import torch
+import torch.nn as nn
+
+from ..checkpoint import atomic_write
+from ..config import ModelConfig
+from ..errors import ConfigError, UserError
+from ..model import GPT
+from .assemble import ModelAssembler
+
+SUPPORTED_MODEL_TYPES = ("gpt2", "llama")
+
+# Our module path inside a block -> the Hugging Face one inside a layer (weights and biases follow).
+LLAMA_LAYER_MODULES = {
+    "attn_norm": "input_layernorm",
+    "attn.q_proj": "self_attn.q_proj",
+    "attn.k_proj": "self_attn.k_proj",
+    "attn.v_proj": "self_attn.v_proj",
+    "attn.out_proj": "self_attn.o_proj",
+    "mlp_norm": "post_attention_layernorm",
+    "mlp.gate_proj": "mlp.gate_proj",
+    "mlp.up_proj": "mlp.up_proj",
+    "mlp.down_proj": "mlp.down_proj",
+}
+LLAMA_TOP_MODULES = {"tok_emb": "model.embed_tokens", "final_norm": "model.norm", "lm_head": "lm_head"}
+
+# GPT-2, apart from the fused attn.c_attn (our q_proj, k_proj, v_proj).
+GPT2_LAYER_MODULES = {
+    "attn_norm": "ln_1",
+    "attn.out_proj": "attn.c_proj",
+    "mlp_norm": "ln_2",
+    "mlp.up_proj": "mlp.c_fc",
+    "mlp.down_proj": "mlp.c_proj",
+}
+GPT2_TOP_MODULES = {"tok_emb": "wte", "pos_emb": "wpe", "final_norm": "ln_f"}
+GPT2_CONV1D_MODULES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+GPT2_TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")
+
+# Field values that make a model one of the two families transformers can load.
+FAMILY_FIELDS = {
+    "gpt2": {"pos_emb": "learned", "norm": "layernorm", "mlp": "gelu"},
+    "llama": {"pos_emb": "rope", "norm": "rmsnorm", "mlp": "swiglu"},
+}
+HF_CLASS = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
+
+DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+# ============================================================================
+# Reading
+# ============================================================================
+
+
+def load_hf_folder(folder: str | os.PathLike[str], dtype: torch.dtype = torch.float32) -> GPT:
+    """A `GPT` with the weights of a Hugging Face GPT-2 or Llama folder, read tensor by tensor.
+
+    safetensors files are memory-mapped: a tensor that needs no conversion (same
+    dtype, no transpose) stays a copy-on-write view of the file, so loading costs
+    little memory and pages come in as they are used.
+    """
+    folder = Path(folder)
+    hf_config = read_hf_config(folder)
+    family, config = config_from_hf(hf_config, folder / "config.json")
+    assembler = ModelAssembler(config, str(folder), dtype)
+    for key, tensor in iter_hf_tensors(folder):
+        for name, converted in hf_tensor_to_ours(family, key, tensor, config, folder):
+            assembler.place(name, converted, key)
+    zero_biases: list[str] = []
+    if family == "llama":  # one `bias` field for two switches: the part whose switch is off gets zero biases
+        off = [part for part, key in (("attn", "attention_bias"), ("mlp", "mlp_bias")) if not hf_config.get(key)]
+        zero_biases = [name for name in assembler.expected_shapes
+                       if name.endswith(".bias") and name.split(".")[2] in off]  # blocks.{i}.{part}.*.bias
+    return assembler.finish(zero_if_missing=zero_biases)
+
+
+def read_hf_config(folder: Path) -> dict[str, Any]:
+    """The folder's config.json as a dict."""
+    path = folder / "config.json"
+    if not path.is_file():
+        raise UserError(f"{folder}: no config.json, so this is not a Hugging Face model folder")
+    try:
+        hf_config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(hf_config, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return hf_config
+
+
+def config_from_hf(hf: dict[str, Any], path: str | os.PathLike[str]) -> tuple[str, ModelConfig]:
+    """(family, ModelConfig) for a Hugging Face config; unsupported settings name their key."""
+    model_type = hf.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UserError(
+            f"{path}: model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    try:
+        config = _gpt2_config(hf, path) if model_type == "gpt2" else _llama_config(hf, path)
+    except ConfigError as err:
+        raise UserError(f"{path}: gives an invalid model: {err}") from None
+    return model_type, config
+
+
+def _require(hf: dict[str, Any], key: str, path: str | os.PathLike[str]) -> Any:
+    if key not in hf:
+        raise UserError(f"{path}: key {key!r} is missing")
+    return hf[key]
+
+
+def _refuse(path: str | os.PathLike[str], key: str, value: Any, why: str) -> NoReturn:
+    raise UserError(f"{path}: {key} = {json.dumps(value)} is not supported: {why}")
+
+
+def _gpt2_config(hf: dict[str, Any], path: str | os.PathLike[str]) -> ModelConfig:
+    activation = hf.get("activation_function", "gelu_new")
+    if activation not in GPT2_TANH_GELUS:
+        _refuse(path, "activation_function", activation, "the MLP uses the tanh-approximated GELU (gelu_new)")
+    for key, ours in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
+                      ("add_cross_attention", False)):  # fmt: skip
+        if hf.get(key, ours) != ours:
+            _refuse(path, key, hf[key], f"only {json.dumps(ours)} has an equivalent here")
+    return ModelConfig(
+        vocab_size=_require(hf, "vocab_size", path),
+        context_length=_require(hf, "n_positions", path),
+        d_model=_require(hf, "n_embd", path),
+        n_layer=_require(hf, "n_layer", path),
+        n_head=_require(hf, "n_head", path),
+        d_ff=hf.get("n_inner"),  # None = 4 * d_model, as in GPT-2
+        norm="layernorm",
+        norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+        pos_emb="learned",
+        mlp="gelu",
+        bias=True,
+        tie_embeddings=hf.get("tie_word_embeddings", True),
+    )
+
+
+def _llama_config(hf: dict[str, Any], path: str | os.PathLike[str]) -> ModelConfig:
+    if hf.get("hidden_act", "silu") != "silu":
+        _refuse(path, "hidden_act", hf["hidden_act"], "the SwiGLU MLP uses silu")
+    d_model, n_head = _require(hf, "hidden_size", path), _require(hf, "num_attention_heads", path)
+    head_dim = hf.get("head_dim")
+    if head_dim is not None and head_dim * n_head != d_model:
+        _refuse(path, "head_dim", head_dim, "it must equal hidden_size / num_attention_heads")
+    return ModelConfig(
+        vocab_size=_require(hf, "vocab_size", path),
+        context_length=hf.get("max_position_embeddings", 2048),
+        d_model=d_model,
+        n_layer=_require(hf, "num_hidden_layers", path),
+        n_head=n_head,
+        n_kv_head=hf.get("num_key_value_heads") or n_head,
+        d_ff=_require(hf, "intermediate_size", path),
+        norm="rmsnorm",
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        pos_emb="rope",
+        rope_theta=_llama_rope_theta(hf, path),
+        mlp="swiglu",
+        bias=bool(hf.get("attention_bias", False) or hf.get("mlp_bias", False)),
+        tie_embeddings=hf.get("tie_word_embeddings", False),
+    )
+
+
+def _llama_rope_theta(hf: dict[str, Any], path: str | os.PathLike[str]) -> float:
+    """RoPE's base frequency; any rope scaling (linear, dynamic, yarn, llama3, ...) is refused."""
+    # transformers >= 5 writes `rope_parameters`; older versions `rope_theta` and `rope_scaling`.
+    for key in ("rope_parameters", "rope_scaling"):
+        value = hf.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, dict):
+            _refuse(path, key, value, "expected an object")
+        rope_type = value.get("rope_type", value.get("type", "default"))
+        if rope_type != "default":
+            _refuse(path, f"{key}.rope_type", rope_type, "only plain RoPE without scaling is implemented")
+    parameters = hf.get("rope_parameters") or {}
+    return float(parameters.get("rope_theta", hf.get("rope_theta", 10000.0)))
+
+
+def iter_hf_tensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every (name, tensor) in the folder's weight files, one at a time."""
+    for file in _weight_files(folder):
+        if file.suffix == ".safetensors":
+            yield from _read_safetensors(file)
+        else:
+            yield from _read_torch_file(file)
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    for single, index in (("model.safetensors", "model.safetensors.index.json"),
+                          ("pytorch_model.bin", "pytorch_model.bin.index.json")):  # fmt: skip
+        if (folder / single).is_file():
+            return [folder / single]
+        if (folder / index).is_file():
+            return _shards_of_index(folder / index)
+    raise UserError(
+        f"{folder}: no weights: expected model.safetensors, model.safetensors.index.json, "
+        "pytorch_model.bin or pytorch_model.bin.index.json"
+    )
+
+
+def _shards_of_index(index_path: Path) -> list[Path]:
+    """The shard files an index's `weight_map` (tensor name -> file name) points to, in order."""
+    try:
+        weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+        shard_names = sorted(set(weight_map.values()))
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as err:
+        problem = f"{type(err).__name__}: {err}"
+        raise UserError(f"{index_path}: expected JSON with a 'weight_map' object ({problem})") from None
+    shards = [index_path.parent / name for name in shard_names]
+    for shard in shards:
+        if not shard.is_file():
+            raise UserError(f"{index_path}: lists shard {shard.name}, which is missing")
+    return shards
+
+
+def _read_safetensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    safetensors = _import_safetensors()
+    try:
+        with safetensors.safe_open(file, framework="pt") as f:  # memory-mapped; each tensor a copy-on-write view
+            for key in f.keys():
+                yield key, f.get_tensor(key)
+    except safetensors.SafetensorError as err:
+        raise UserError(f"{file}: not a readable safetensors file ({err})") from None
+
+
+def _read_torch_file(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """A pytorch_model.bin, memory-mapped (copy-on-write) when saved in the zip format (PyTorch >= 1.6)."""
+    try:
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as err:
+            if "mmap" not in str(err):
+                raise
+            state = torch.load(file, map_location="cpu", weights_only=True)  # the legacy format cannot be mapped
+    except Exception as err:  # torch.load raises many kinds for a foreign or damaged file
+        raise UserError(f"{file}: not a readable PyTorch weights file ({type(err).__name__}: {err})") from None
+    if not isinstance(state, dict):
+        raise UserError(f"{file}: expected a dict of tensors, got {type(state).__name__}")
+    for key in list(state):
+        tensor = state.pop(key)  # dropped from the dict so a converted tensor's source can be freed
+        if isinstance(tensor, torch.Tensor):
+            yield key, tensor
+
+
+def _import_safetensors() -> Any:
+    try:
+        import safetensors
+        import safetensors.torch
+    except ImportError as err:
+        raise UserError("Hugging Face weights need the safetensors package: pip install safetensors") from err
+    return safetensors
+
+
+def _split_key(key: str, layer_prefix: str) -> tuple[int | None, str, str]:
+    """'h.3.attn.c_proj.weight' -> (3, 'attn.c_proj', 'weight'); a key outside the layers -> (None, module, leaf)."""
+    module, _, leaf = key.rpartition(".")
+    if module.startswith(layer_prefix):
+        index, _, inner = module[len(layer_prefix):].partition(".")
+        if index.isdigit():
+            return int(index), inner, leaf
+    return None, module, leaf
+
+
+def hf_tensor_to_ours(
+    family: str, key: str, tensor: torch.Tensor, config: ModelConfig, source: Path
+) -> list[tuple[str, torch.Tensor]]:
+    """One Hugging Face tensor as (our name, tensor) pairs: none (a buffer to skip), one, or three (c_attn)."""
+    if family == "gpt2":
+        return _gpt2_tensor_to_ours(key, tensor, config, source)
+    return _llama_tensor_to_ours(key, tensor, config, source)
+
+
+def _unknown(source: Path, key: str) -> UserError:
+    return UserError(f"{source}: tensor {key} is not part of a model this loader knows")
+
+
+def _llama_tensor_to_ours(
+    key: str, tensor: torch.Tensor, config: ModelConfig, source: Path
+) -> list[tuple[str, torch.Tensor]]:
+    layer, module, leaf = _split_key(key, "model.layers.")
+    if module.endswith("rotary_emb"):  # inv_freq, saved by old versions: we derive it from rope_theta
+        return []
+    if layer is None:
+        ours = {hf: our for our, hf in LLAMA_TOP_MODULES.items()}.get(module)
+        if ours == "lm_head" and config.tie_embeddings:
+            return []  # the tied head is the embedding
+    else:
+        inner = {hf: our for our, hf in LLAMA_LAYER_MODULES.items()}.get(module)
+        ours = f"blocks.{layer}.{inner}" if inner else None
+    if ours is None:
+        raise _unknown(source, key)
+    return [(f"{ours}.{leaf}", tensor)]
+
+
+def _gpt2_tensor_to_ours(
+    key: str, tensor: torch.Tensor, config: ModelConfig, source: Path
+) -> list[tuple[str, torch.Tensor]]:
+    # The original checkpoints name tensors without the "transformer." prefix that transformers writes today.
+    layer, module, leaf = _split_key(key.removeprefix("transformer."), "h.")
+    if layer is None:
+        if module == "lm_head":
+            return [] if config.tie_embeddings else [("lm_head.weight", tensor)]
+        ours = {hf: our for our, hf in GPT2_TOP_MODULES.items()}.get(module)
+        if ours is None:
+            raise _unknown(source, key)
+        return [(f"{ours}.{leaf}", tensor)]
+
+    if module == "attn" and leaf in ("bias", "masked_bias"):  # causal-mask buffers in old checkpoints
+        return []
+    if module in GPT2_CONV1D_MODULES and leaf == "weight":
+        tensor = tensor.t()  # Conv1D (in, out) -> Linear (out, in)
+    prefix = f"blocks.{layer}."
+    if module == "attn.c_attn":
+        d = config.d_model
+        if tensor.shape[0] != 3 * d:
+            raise UserError(
+                f"{source}: tensor {key} has shape {tuple(tensor.shape)}, but n_embd = {d} needs "
+                f"{3 * d} fused q, k, v outputs"
+            )
+        q, k, v = (part.clone(memory_format=torch.contiguous_format) for part in tensor.split(d, dim=0))  # (d, ...)
+        return [(f"{prefix}attn.{proj}.{leaf}", part) for proj, part in (("q_proj", q), ("k_proj", k), ("v_proj", v))]
+    inner = {hf: our for our, hf in GPT2_LAYER_MODULES.items()}.get(module)
+    if inner is None:
+        raise _unknown(source, key)
+    return [(f"{prefix}{inner}.{leaf}", tensor)]
+
+
+# ============================================================================
+# Writing
+# ============================================================================
+
+
+def hf_family(config: ModelConfig) -> str:
+    """'gpt2' or 'llama': the transformers architecture this config maps onto, or a UserError saying why none."""
+    for family, fields in FAMILY_FIELDS.items():
+        if all(getattr(config, name) == value for name, value in fields.items()):
+            if family == "gpt2" and config.n_kv_head != config.n_head:
+                raise UserError(
+                    f"model.n_kv_head = {config.n_kv_head} (grouped-query attention) has no equivalent in "
+                    f"GPT2LMHeadModel, which needs n_kv_head == n_head ({config.n_head})"
+                )
+            return family
+    lines = []
+    for family, fields in FAMILY_FIELDS.items():
+        wrong = [f"{name}={getattr(config, name)} (needs {value})" for name, value in fields.items()
+                 if getattr(config, name) != value]  # fmt: skip
+        lines.append(f"as {HF_CLASS[family]}: {', '.join(wrong)}")
+    raise UserError(
+        "this model has no transformers equivalent: fields model.pos_emb, model.norm and model.mlp must all "
+        "match one family; " + "; ".join(lines)
+    )
+
+
+def save_pretrained(
+    model: GPT,
+    out_dir: str | os.PathLike[str],
+    dtype: torch.dtype | str | None = None,
+    *,
+    bos_token_id: int | None = None,
+    eos_token_id: int | None = None,
+) -> Path:
+    """Write `config.json` + `model.safetensors` that `transformers.AutoModelForCausalLM` loads.
+
+    GPT-2-family models (learned positions, LayerNorm, GELU) become `GPT2LMHeadModel`,
+    Llama-family ones (RoPE, RMSNorm, SwiGLU) `LlamaForCausalLM`; a model with no
+    bias is written with zero biases where GPT-2 has them. `dtype` (default: the
+    model's) sets the stored precision. With token ids, `generation_config.json`
+    is written too. Each file is written to a temporary name and renamed, so an
+    interrupted export never leaves a half-written file under a final name.
+    Returns the folder.
+    """
+    config = model.config
+    family = hf_family(config)
+    dtype = resolve_dtype(dtype) if dtype is not None else model.tok_emb.weight.dtype
+    if dtype not in DTYPE_NAMES:
+        raise UserError(f"dtype {dtype} is not supported for export; use one of {', '.join(DTYPE_NAMES.values())}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    with torch.no_grad():
+        hf_tensors = _gpt2_hf_tensors(model) if family == "gpt2" else _llama_hf_tensors(model)
+        hf_tensors = {key: t.detach().to("cpu", dtype).contiguous() for key, t in hf_tensors.items()}
+    hf_config = _gpt2_hf_config(config) if family == "gpt2" else _llama_hf_config(config)
+    hf_config.update(architectures=[HF_CLASS[family]], dtype=DTYPE_NAMES[dtype],
+                     bos_token_id=bos_token_id, eos_token_id=eos_token_id, use_cache=True)  # fmt: skip
+
+    _save_safetensors_atomically(out_dir / "model.safetensors", hf_tensors)
+    _write_json_atomically(out_dir / "config.json", hf_config)
+    if bos_token_id is not None or eos_token_id is not None:
+        generation = {"bos_token_id": bos_token_id, "eos_token_id": eos_token_id}
+        _write_json_atomically(out_dir / "generation_config.json", generation)
+    return out_dir
+
+
+def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """A torch dtype from itself or its name ("float32", "bfloat16", "float16")."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    by_name = {name: dt for dt, name in DTYPE_NAMES.items()}
+    if dtype not in by_name:
+        raise UserError(f"dtype {dtype!r} is not supported; use one of {', '.join(by_name)}")
+    return by_name[dtype]
+
+
+def _gpt2_hf_config(config: ModelConfig) -> dict[str, Any]:
+    return {
+        "model_type": "gpt2",
+        "vocab_size": config.vocab_size,
+        "n_positions": config.context_length,
+        "n_embd": config.d_model,
+        "n_layer": config.n_layer,
+        "n_head": config.n_head,
+        "n_inner": config.d_ff,
+        "activation_function": "gelu_new",
+        "layer_norm_epsilon": config.norm_eps,
+        "resid_pdrop": config.dropout,
+        "embd_pdrop": config.dropout,
+        "attn_pdrop": config.dropout,
+        "scale_attn_weights": True,
+        "tie_word_embeddings": config.tie_embeddings,
+    }
+
+
+def _llama_hf_config(config: ModelConfig) -> dict[str, Any]:
+    return {
+        "model_type": "llama",
+        "vocab_size": config.vocab_size,
+        "max_position_embeddings": config.context_length,
+        "hidden_size": config.d_model,
+        "num_hidden_layers": config.n_layer,
+        "num_attention_heads": config.n_head,
+        "num_key_value_heads": config.n_kv_head,
+        "head_dim": config.head_dim,
+        "intermediate_size": config.d_ff,
+        "hidden_act": "silu",
+        "rms_norm_eps": config.norm_eps,
+        # Both spellings: transformers >= 5 reads rope_parameters, older versions rope_theta.
+        "rope_theta": config.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+        "attention_bias": config.bias,
+        "mlp_bias": config.bias,
+        "attention_dropout": config.dropout,
+        "tie_word_embeddings": config.tie_embeddings,
+    }
+
+
+def _llama_hf_tensors(model: GPT) -> dict[str, torch.Tensor]:
+    """Our parameters under Llama names; a tied head is listed once (as the embedding)."""
+    top = LLAMA_TOP_MODULES
+    hf_tensors = {}
+    for name, param in model.named_parameters():
+        module, _, leaf = name.rpartition(".")
+        if module.startswith("blocks."):
+            _, index, inner = module.split(".", 2)
+            hf_tensors[f"model.layers.{index}.{LLAMA_LAYER_MODULES[inner]}.{leaf}"] = param
+        else:
+            hf_tensors[f"{top[module]}.{leaf}"] = param
+    return hf_tensors
+
+
+def _gpt2_hf_tensors(model: GPT) -> dict[str, torch.Tensor]:
+    """Our parameters as GPT-2 tensors: q, k, v fused into c_attn, Conv1D (in, out) layout."""
+    hf_tensors = {"transformer.wte.weight": model.tok_emb.weight, "transformer.wpe.weight": model.pos_emb.weight}
+    _put_layernorm(hf_tensors, "transformer.ln_f", model.final_norm)
+    for i, block in enumerate(model.blocks):
+        prefix = f"transformer.h.{i}."
+        attn, mlp = block.attn, block.mlp
+        _put_layernorm(hf_tensors, prefix + "ln_1", block.attn_norm)
+        _put_conv1d(hf_tensors, prefix + "attn.c_attn", [attn.q_proj, attn.k_proj, attn.v_proj])
+        _put_conv1d(hf_tensors, prefix + "attn.c_proj", [attn.out_proj])
+        _put_layernorm(hf_tensors, prefix + "ln_2", block.mlp_norm)
+        _put_conv1d(hf_tensors, prefix + "mlp.c_fc", [mlp.up_proj])
+        _put_conv1d(hf_tensors, prefix + "mlp.c_proj", [mlp.down_proj])
+    if not model.config.tie_embeddings:
+        hf_tensors["lm_head.weight"] = model.lm_head.weight
+    return hf_tensors
+
+
+def _put_layernorm(hf_tensors: dict[str, torch.Tensor], name: str, norm: nn.LayerNorm) -> None:
+    hf_tensors[f"{name}.weight"] = norm.weight
+    hf_tensors[f"{name}.bias"] = norm.bias if norm.bias is not None else torch.zeros_like(norm.weight)
+
+
+def _put_conv1d(hf_tensors: dict[str, torch.Tensor], name: str, linears: list[nn.Linear]) -> None:
+    """Linear layers side by side as one Conv1D: weight (in, sum of outs); a missing bias is zeros."""
+    hf_tensors[f"{name}.weight"] = torch.cat([linear.weight for linear in linears]).t()  # (in, out)
+    hf_tensors[f"{name}.bias"] = torch.cat([
+        linear.bias if linear.bias is not None else linear.weight.new_zeros(linear.out_features)
+        for linear in linears
+    ])  # fmt: skip
+
+
+def _save_safetensors_atomically(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """safetensors' save_file into a temporary file beside `path`, fsynced, then renamed to `path`.
+
+    (`checkpoint.atomic_write` hands out a file object; save_file wants a name, and
+    building the whole file as bytes in memory first would cost another copy.)
+    """
+    safetensors = _import_safetensors()
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        safetensors.torch.save_file(tensors, tmp_name, metadata={"format": "pt"})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_name, 0o666 & ~umask)  # the permissions a plainly created file gets, not 0600
+        with open(tmp_name, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+def _write_json_atomically(path: Path, value: dict[str, Any]) -> None:
+    text = json.dumps(value, indent=2, sort_keys=True) + "\n"
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
