@@ -1,0 +1,127 @@
+"""The model-using verbs: generate, chat, evaluate (sliding-window perplexity, batch prompts), the verb table."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gpt.checkpoint import save_checkpoint
+from gpt.cli import sliding_window_loss
+from gpt.config import ModelConfig
+from gpt.errors import UserError
+from gpt.model import GPT
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_model() -> GPT:
+    torch.manual_seed(0)
+    return GPT(ModelConfig(vocab_size=50257, context_length=64, d_model=32, n_layer=2, n_head=2)).eval()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_model, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
+    save_checkpoint(path, tiny_model, tokenizer="gpt2", step=0)
+    return path
+
+
+def run_verb(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gpt", *args], cwd=REPO, input=stdin, capture_output=True,
+                          text=True, timeout=120)
+
+
+def reference_loss(model: GPT, ids: list[int], window: int, stride: int) -> float:
+    """Score each target once, by the first window (in start order) that covers it and has not scored it."""
+    scored, losses = set(), []
+    start = 0
+    while True:
+        chunk = ids[start:start + window + 1]
+        logits = model(torch.tensor([chunk[:-1]]))[0]
+        for offset in range(len(chunk) - 1):
+            target_index = start + offset + 1
+            if target_index not in scored:
+                scored.add(target_index)
+                losses.append(F.cross_entropy(logits[offset], torch.tensor(chunk[offset + 1])).item())
+        if start + window >= len(ids) - 1:
+            break
+        start += stride
+    assert scored == set(range(1, len(ids)))
+    return sum(losses) / len(losses)
+
+
+@pytest.mark.parametrize("window, stride", [(64, 64), (16, 16), (16, 5), (10, 7)])
+def test_sliding_window_loss_scores_every_token_once(tiny_model, window, stride):
+    ids = torch.randint(0, 50257, (53,), generator=torch.Generator().manual_seed(1)).tolist()
+    loss, count = sliding_window_loss(tiny_model, ids, window, stride, batch_size=3)
+    assert count == 52
+    assert math.isclose(loss, reference_loss(tiny_model, ids, window, stride), rel_tol=1e-5)
+
+
+def test_sliding_window_loss_equals_full_forward_when_the_text_fits(tiny_model):
+    ids = list(range(100, 140))
+    loss, _ = sliding_window_loss(tiny_model, ids, window=64, stride=32)
+    logits = tiny_model(torch.tensor([ids[:-1]]))[0]
+    expected = F.cross_entropy(logits, torch.tensor(ids[1:])).item()
+    assert math.isclose(loss, expected, rel_tol=1e-5)
+
+
+def test_evaluate_text_and_prompts(checkpoint, tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text("It was a bright cold day in April, and the clocks were striking thirteen. " * 3)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "Hello"}\n\n{"prompt": "Once upon a time", "id": 7}\n')
+    out = tmp_path / "responses.jsonl"
+    done = run_verb("evaluate", "--checkpoint", str(checkpoint), "--text", str(text), "--prompts", str(prompts),
+                    "--out", str(out), "--max-new-tokens", "5")
+    assert done.returncode == 0, done.stderr
+    metrics = json.loads(done.stdout.splitlines()[0])
+    assert metrics["tokens"] > 40 and math.isclose(metrics["perplexity"], math.exp(metrics["loss"]), rel_tol=1e-3)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r.get("id") for r in rows] == [None, 7] and all(isinstance(r["response"], str) for r in rows)
+
+
+def test_evaluate_bad_prompts_line_names_file_and_line(checkpoint, tmp_path):
+    prompts = tmp_path / "bad.jsonl"
+    prompts.write_text('{"prompt": "ok"}\n{"prompt": oops}\n')
+    done = run_verb("evaluate", "--checkpoint", str(checkpoint), "--prompts", str(prompts))
+    assert done.returncode == 2 and "bad.jsonl, line 2: invalid JSON" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_generate_greedy_matches_library(checkpoint, tiny_model):
+    from gpt.generate import generate
+    from gpt.tokenizer import get_tokenizer
+
+    done = run_verb("generate", "--checkpoint", str(checkpoint), "--prompt", "Hello", "--temperature", "0",
+                    "--max-new-tokens", "8")
+    assert done.returncode == 0, done.stderr
+    tok = get_tokenizer("gpt2")
+    expected = tok.decode(generate(tiny_model, torch.tensor(tok.encode("Hello")), max_new_tokens=8).tolist())
+    assert done.stdout.rstrip("\n") == expected
+
+
+def test_chat_keeps_the_conversation_and_exits_on_end_of_input(checkpoint):
+    done = run_verb("chat", "--checkpoint", str(checkpoint), "--max-new-tokens", "4", stdin="hi\nand again\n")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("bot> ") == 2
+
+
+def test_unknown_verb_and_missing_model_are_clear_errors(tmp_path):
+    done = run_verb("trian")
+    assert done.returncode == 2 and "unknown verb 'trian'" in done.stderr
+    done = run_verb("generate", "--model", str(tmp_path / "missing.gguf"))
+    assert done.returncode == 2 and "missing.gguf" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_model_vocab_smaller_than_tokenizer_is_rejected(tmp_path):
+    small = GPT(ModelConfig(vocab_size=1000, context_length=16, d_model=16, n_layer=1, n_head=2))
+    save_checkpoint(tmp_path / "small.pt", small, tokenizer="gpt2")
+    done = run_verb("generate", "--checkpoint", str(tmp_path / "small.pt"))
+    assert done.returncode == 2 and "the tokenizer has 50257 tokens but the model only 1000" in done.stderr
