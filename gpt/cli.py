@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from .checkpoint import atomic_write
 from .errors import UserError
 from .model import GPT
-from .tokenizer import Tokenizer, get_tokenizer
+from .tokenizer import Tokenizer
 from .train import pick_device
 
 # ----------------------------------------------------------------------------
@@ -41,41 +41,15 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
 
 
-def tokenizer_for(path: Path) -> Tokenizer:
-    """The tokenizer that goes with a model file or folder."""
-    if path.suffix == ".gguf":
-        return get_tokenizer(str(path))
-    config_file = path / "config.json" if path.is_dir() else None
-    if config_file is not None and config_file.exists():
-        model_type = json.loads(config_file.read_text()).get("model_type")
-        if model_type == "gpt2":
-            return get_tokenizer("gpt2")
-        raise UserError(f"{path}: no tokenizer support for Hugging Face model_type {model_type!r} folders yet; "
-                        "convert the model to GGUF or use a GPT-2 folder")
-    from .checkpoint import load_checkpoint
-
-    return get_tokenizer(load_checkpoint(path).get("tokenizer", "gpt2"))
-
-
 def load_model_and_tokenizer(args: argparse.Namespace) -> tuple[GPT, Tokenizer]:
     """The model named by --model / --checkpoint / --preset, on the requested device, in eval mode."""
-    from .config import ModelConfig
-    from .fetch import resolve_model
-    from .weights import load_pretrained
+    from .weights import load_model_and_tokenizer as load
 
+    loaded = load(args.preset or args.model or args.checkpoint, seed=args.seed)
     if args.preset:
-        torch.manual_seed(args.seed)
-        model = GPT(ModelConfig.preset(args.preset))
-        tokenizer = get_tokenizer("gpt2")
-        print(f"[random-init {args.preset}: {model.num_parameters():,} parameters; expect gibberish]", file=sys.stderr)
-    else:
-        path = resolve_model(args.model or args.checkpoint)
-        model = load_pretrained(path)
-        tokenizer = tokenizer_for(path)
-    if tokenizer.n_vocab > model.config.vocab_size:
-        raise UserError(f"the tokenizer has {tokenizer.n_vocab} tokens but the model only "
-                        f"{model.config.vocab_size}; load this model with its own tokenizer")
-    return model.to(pick_device(args.device)).eval(), tokenizer
+        print(f"[random-init {args.preset}: {loaded.model.num_parameters():,} parameters; expect gibberish]",
+              file=sys.stderr)
+    return loaded.model.to(pick_device(args.device)).eval(), loaded.tokenizer
 
 
 def fit_prompt(ids: list[int], max_new_tokens: int, context_length: int) -> list[int]:

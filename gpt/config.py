@@ -25,6 +25,9 @@ from typing import Any
 
 from .errors import ConfigError
 
+# The linear layers of gpt.model that can take a LoRA adapter (gpt.lora checks the same names).
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "gate_proj", "up_proj", "down_proj")
+
 # ----------------------------------------------------------------------------
 # Typed dataclass machinery shared by every config section
 # ----------------------------------------------------------------------------
@@ -280,6 +283,37 @@ class DataConfig(Section):
             raise ConfigError(f"data.val_fraction: must be in (0, 1), got {self.val_fraction}")
         if self.stride < 0:
             raise ConfigError(f"data.stride: must not be negative, got {self.stride}")
+
+
+@dataclass
+class LoRAConfig(Section):
+    """Low-rank adapters for fine-tuning (see gpt/lora.py), used when a script trains `lora`."""
+
+    section_name: typing.ClassVar[str] = "lora"
+
+    rank: int = field(default=8, metadata={"help": "rank r of each update B A"})
+    alpha: float = field(default=16.0, metadata={"help": "the update is scaled by alpha / rank"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout on the adapters' input"})
+    targets: str = field(default="q_proj,v_proj", metadata={"help": f"comma-separated: {','.join(LORA_TARGETS)}"})
+
+    def __post_init__(self) -> None:
+        self._check_types()
+        if self.rank <= 0 or self.alpha <= 0:
+            raise ConfigError(f"lora.rank and lora.alpha must be positive, got {self.rank} and {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora.dropout: must be in [0, 1), got {self.dropout}")
+        unknown = [name for name in self.target_names if name not in LORA_TARGETS]
+        if unknown or not self.target_names:
+            raise ConfigError(f"lora.targets: {self.targets!r} holds unknown names {unknown}; valid: "
+                              f"{', '.join(LORA_TARGETS)}")
+
+    @property
+    def target_names(self) -> list[str]:
+        return [name.strip() for name in self.targets.split(",") if name.strip()]
+
+    def settings(self) -> dict[str, Any]:
+        """Keyword arguments for `gpt.lora.apply_lora`."""
+        return {"rank": self.rank, "alpha": self.alpha, "dropout": self.dropout, "targets": self.target_names}
 
 
 # ----------------------------------------------------------------------------

@@ -19,6 +19,9 @@ Both roads give the same tokens for the same input.
 Long documents are handled in pieces of about a megabyte, cut just before a run of
 whitespace. GPT-2's pre-tokenizer always starts a new piece of text at such a point,
 so tokenizing the pieces one by one gives exactly the tokens of the whole document.
+
+Classification data (labelled texts from TSV, CSV or JSONL, deduplicated, split
+by class, tokenized and right-padded) has its own section at the end of the module.
 """
 
 from __future__ import annotations
@@ -26,8 +29,11 @@ from __future__ import annotations
 import argparse
 import codecs
 import contextlib
+import csv
 import enum
 import hashlib
+import io
+import itertools
 import json
 import math
 import multiprocessing
@@ -935,3 +941,487 @@ def prepare_cli(argv: list[str]) -> int:
     written = ["train.bin", "val.bin", "meta.json"] + ([histogram.name] if histogram else [])
     print(f"wrote:      {', '.join(str(out_dir / name) for name in written)}")
     return 0
+
+
+# ----------------------------------------------------------------------------
+# Classification data: labelled texts from TSV, CSV or JSONL
+# ----------------------------------------------------------------------------
+#
+#     examples = read_labeled_texts("data/sms_spam_collection.tsv")   # [LabeledText(text, label, source)]
+#     examples, dedup = deduplicate_texts(examples)                   # the first copy of each text stays
+#     labels = label_names(e.label for e in examples)                 # ["ham", "spam"]: class ids are positions
+#     y = [labels.index(e.label) for e in examples]
+#     train, val, test = stratified_split(y, val_fraction=0.1, test_fraction=0.1, seed=0)
+#     dataset = ClassificationDataset.from_texts(texts, y, tokenizer, max_length=128)
+#     loader = ClassificationBatchLoader(dataset, batch_size=16, seed=0)
+#     ids, lengths, labels = loader.next_batch()   # (B, T) right-padded to the batch's longest text, (B,), (B,)
+#
+# Texts are right-padded, so under causal attention no real token ever sees a
+# padding token: a classifier reading the last real token (or the mean over real
+# tokens) gives the same answer however much padding a batch adds.
+
+CLASSIFICATION_FORMATS = ("auto", "tsv", "csv", "jsonl")
+_FORMAT_OF_SUFFIX = {".tsv": "tsv", ".tab": "tsv", ".csv": "csv", ".jsonl": "jsonl"}
+
+
+@dataclass(frozen=True)
+class LabeledText:
+    """One example: its text, its label as the file writes it, and where it is (`"file, line 7"`)."""
+
+    text: str
+    label: str
+    source: str
+
+
+def read_labeled_texts(
+    path: PathLike, *, file_format: str = "auto", text_column: str = "", label_column: str = "",
+    header: str = "auto",
+) -> list[LabeledText]:
+    """Every labelled text in a TSV, CSV or JSONL file, in file order; blank lines are skipped.
+
+    `file_format` "auto" goes by the suffix (.tsv/.tab, .csv, .jsonl). A column is
+    named by a header name or a 0-based index ("1"); "" picks the default:
+
+    * JSONL: one object per line; the text under `text_column` (default "text"), the
+      label under `label_column` (default "label"), a string or an integer.
+    * TSV/CSV: `header` "true"/"false" says whether line 1 names the columns; "auto"
+      takes it as a header when a column is chosen by name, or when both are left
+      to default and line 1 holds the cells "text" and "label". With a header the
+      default columns are those named "text" and "label"; without one they are
+      label = column 0, text = column 1 (the layout of the SMS Spam Collection).
+      TSV has no quoting (a tab always separates); CSV follows RFC 4180 quoting.
+      Every row must have as many columns as line 1.
+
+    Raises UserError naming the file and line for a malformed line, an empty text or
+    label, a column that does not exist, or a file with no examples.
+    """
+    path = Path(path)
+    if file_format == "auto":
+        file_format = _FORMAT_OF_SUFFIX.get(path.suffix.lower(), "")
+        if not file_format:
+            raise UserError(f"{path}: cannot tell the format from the suffix {path.suffix!r}; "
+                            "set data.format to tsv, csv or jsonl")
+    if file_format not in CLASSIFICATION_FORMATS:
+        raise UserError(f"data.format: must be one of {', '.join(CLASSIFICATION_FORMATS)}; got {file_format!r}")
+    text = _read_utf8_file(path)
+    if file_format == "jsonl":
+        examples = list(_labeled_jsonl(path, text, text_column or "text", label_column or "label"))
+    else:
+        rows = _tsv_rows(text) if file_format == "tsv" else _csv_rows(path, text)
+        examples = list(_labeled_rows(path, rows, file_format, text_column, label_column, header))
+    if not examples:
+        raise UserError(f"{path}: no examples in the file")
+    return examples
+
+
+def _read_utf8_file(path: Path) -> str:
+    """A whole UTF-8 file (byte order mark dropped); bad bytes are reported by line."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except OSError as err:
+        raise UserError(f"{path}: cannot read: {err.strerror}") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise _not_utf8(f"{path}, line {line}", err.start, data[err.start]) from None
+
+
+def _tsv_rows(text: str) -> Iterator[tuple[int, list[str]]]:
+    """(line number, cells) of every non-blank line, split at each tab."""
+    for number, line in enumerate(text.split("\n"), start=1):  # not splitlines: texts may hold \x0c, \u2028, ...
+        line = line.removesuffix("\r")
+        if line.strip():
+            yield number, line.split("\t")
+
+
+def _csv_rows(path: Path, text: str) -> Iterator[tuple[int, list[str]]]:
+    """(first line number, cells) of every non-blank CSV record; a quoted cell may span lines."""
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    next_line = 1
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as err:
+            raise UserError(f"{path}, line {next_line}: malformed CSV ({err})") from None
+        first_line, next_line = next_line, reader.line_num + 1
+        if any(cell.strip() for cell in row):
+            yield first_line, row
+
+
+def _labeled_rows(
+    path: Path, rows: Iterator[tuple[int, list[str]]], file_format: str, text_column: str, label_column: str,
+    header: str,
+) -> Iterator[LabeledText]:
+    """LabeledTexts from table rows: find the header and the two columns, then check each row."""
+    if header not in ("auto", "true", "false"):
+        raise UserError(f"data.header: must be auto, true or false; got {header!r}")
+    first = next(rows, None)
+    if first is None:
+        return
+    first_line, first_cells = first
+    cells = [cell.strip() for cell in first_cells]
+    by_name = [spec for spec in (text_column, label_column) if spec and not spec.isdigit()]
+    if header == "auto":
+        has_header = bool(by_name) or (not text_column and not label_column and {"text", "label"} <= set(cells))
+    else:
+        has_header = header == "true"
+    what = "tab-separated" if file_format == "tsv" else "comma-separated"
+
+    def column(spec: str, role: str, default_name: str, default_index: int) -> int:
+        if spec.isdigit():
+            index = int(spec)
+            if index >= len(cells):
+                raise UserError(f"{path}: data.{role}_column {index} does not exist: line {first_line} has "
+                                f"{len(cells)} {what} columns (0-based indices 0..{len(cells) - 1})")
+            return index
+        if not has_header:
+            if spec:
+                raise UserError(f"{path}: data.{role}_column {spec!r} names a column, but the file has no header "
+                                f"row (line {first_line} is data); give a 0-based column index or set data.header true")
+            return default_index
+        name = spec or default_name
+        if name not in cells:
+            raise UserError(f"{path}: no column named {name!r} in the header (line {first_line}: "
+                            f"{', '.join(map(repr, cells))}); choose one with data.{role}_column")
+        return cells.index(name)
+
+    text_index = column(text_column, "text", "text", 1)
+    label_index = column(label_column, "label", "label", 0)
+    if text_index >= len(cells) or label_index >= len(cells):
+        raise UserError(f"{path}, line {first_line}: expected at least {max(text_index, label_index) + 1} "
+                        f"{what} columns, found {len(cells)}")
+    if text_index == label_index:
+        raise UserError(f"{path}: the text and the label are both column {text_index}")
+    for number, row in (rows if has_header else itertools.chain([first], rows)):
+        source = f"{path}, line {number}"
+        if len(row) != len(cells):
+            raise UserError(f"{source}: {len(row)} {what} columns, but line {first_line} has {len(cells)}")
+        yield _checked_example(row[text_index], row[label_index].strip(), source)
+
+
+def _labeled_jsonl(path: Path, text: str, text_key: str, label_key: str) -> Iterator[LabeledText]:
+    """LabeledTexts from JSON lines, each an object with a string text and a string or integer label."""
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        source = f"{path}, line {number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{source}, column {err.colno}: not valid JSON ({err.msg})") from None
+        if not isinstance(record, dict):
+            raise UserError(f"{source}: expected a JSON object, got {type(record).__name__}")
+        for key in (text_key, label_key):
+            if key not in record:
+                raise UserError(f"{source}: no {key!r} field (fields: {', '.join(map(repr, record))}); "
+                                f"choose the field with data.{'text' if key == text_key else 'label'}_column")
+        text_value, label = record[text_key], record[label_key]
+        if not isinstance(text_value, str):
+            raise UserError(f"{source}: {text_key!r} must be a string, got {type(text_value).__name__}")
+        if isinstance(label, bool) or not isinstance(label, (str, int)):
+            raise UserError(f"{source}: {label_key!r} must be a string or an integer, got {json.dumps(label)}")
+        yield _checked_example(text_value, str(label).strip(), source)
+
+
+def _checked_example(text: str, label: str, source: str) -> LabeledText:
+    text = text.strip()
+    if not text:
+        raise UserError(f"{source}: empty text")
+    if not label:
+        raise UserError(f"{source}: empty label")
+    return LabeledText(text, label, source)
+
+
+@dataclass
+class DedupStats:
+    """Texts read, copies dropped, and how many of those copies carried another label than the first."""
+
+    read: int = 0
+    duplicates: int = 0
+    conflicting_labels: int = 0
+
+
+def deduplicate_texts(examples: Iterable[LabeledText]) -> tuple[list[LabeledText], DedupStats]:
+    """Keep the first example of each distinct text (after stripping), in order."""
+    stats = DedupStats()
+    label_of: dict[str, str] = {}
+    kept: list[LabeledText] = []
+    for example in examples:
+        stats.read += 1
+        if example.text in label_of:
+            stats.duplicates += 1
+            stats.conflicting_labels += label_of[example.text] != example.label
+            continue
+        label_of[example.text] = example.label
+        kept.append(example)
+    return kept, stats
+
+
+def label_names(labels: Iterable[str], source: str = "the data") -> list[str]:
+    """The distinct labels in a fixed order, the class ids being their positions.
+
+    Integer labels sort by value ("2" before "10"), others alphabetically. A
+    classifier needs at least two classes: one alone raises UserError.
+    """
+    distinct = set(labels)
+    if all(_is_integer_text(label) for label in distinct):
+        names = sorted(distinct, key=int)
+    else:
+        names = sorted(distinct)
+    if len(names) < 2:
+        found = f"every example has the label {names[0]!r}" if names else "there are no examples"
+        raise UserError(f"{source}: {found}; a classifier needs at least two classes")
+    return names
+
+
+def _is_integer_text(text: str) -> bool:
+    return text.lstrip("-").isdigit()
+
+
+def stratified_split(
+    labels: Sequence[int] | np.ndarray, val_fraction: float, test_fraction: float, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Indices of the training, validation and test examples (each sorted), class by class.
+
+    Each class's examples are shuffled (numpy generator seeded with `seed`);
+    round(n * test_fraction) go to test, round(n * val_fraction) to validation,
+    the rest to training, which always keeps at least one example of each class
+    (test gives way first). A fraction of 0 leaves that split empty.
+    """
+    if val_fraction < 0 or test_fraction < 0 or val_fraction + test_fraction >= 1:
+        raise UserError(f"val_fraction ({val_fraction}) and test_fraction ({test_fraction}) must be at least 0 "
+                        "and sum to less than 1")
+    labels = np.asarray(labels, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    parts: tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]] = ([], [], [])
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        n = len(members)
+        n_val = min(round(n * val_fraction), n - 1)
+        n_test = min(round(n * test_fraction), n - 1 - n_val)
+        parts[2].append(members[:n_test])
+        parts[1].append(members[n_test:n_test + n_val])
+        parts[0].append(members[n_test + n_val:])
+    train, val, test = (np.sort(np.concatenate(p)) if p else np.zeros(0, np.int64) for p in parts)
+    return train, val, test
+
+
+def downsample_classes(labels: Sequence[int] | np.ndarray, seed: int = 0) -> np.ndarray:
+    """Indices (sorted) of a class-balanced subset: every class cut at random to the smallest class's size."""
+    labels = np.asarray(labels, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(labels, return_counts=True)
+    keep = [rng.permutation(np.flatnonzero(labels == c))[: counts.min()] for c in classes]
+    return np.sort(np.concatenate(keep))
+
+
+def class_weights(labels: Sequence[int] | np.ndarray, num_classes: int) -> torch.Tensor:
+    """Cross-entropy weights n / (K * n_c) (K classes, n_c examples of class c): every class weighs
+    the same in total. A class without examples gets weight 0. float32, shape (K,)."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes).astype(np.float64)
+    weights = np.divide(counts.sum(), num_classes * counts, out=np.zeros(num_classes), where=counts > 0)
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+class ClassificationDataset(Dataset):
+    """Tokenized labelled texts, each cut to `max_length` tokens (its start is kept) and right-padded.
+
+    Item i is (ids (max_length,), length (), label ()), all int64; `ClassificationBatchLoader`
+    and `iterate_classification_eval` trim a batch's padding to its longest text.
+    """
+
+    def __init__(self, token_ids: Sequence[Sequence[int]], labels: Sequence[int], max_length: int,
+                 pad_id: int = 0) -> None:
+        if max_length < 1:
+            raise UserError(f"max_length must be at least 1, got {max_length}")
+        if len(token_ids) != len(labels):
+            raise ValueError(f"{len(token_ids)} token lists but {len(labels)} labels")
+        self.max_length = max_length
+        full_lengths = np.array([len(ids) for ids in token_ids], dtype=np.int64)
+        if (full_lengths == 0).any():
+            raise UserError(f"text {int(np.argmin(full_lengths))} has no tokens")
+        self.num_truncated = int((full_lengths > max_length).sum())
+        self.lengths = torch.from_numpy(np.minimum(full_lengths, max_length))  # (N,)
+        self.ids = torch.full((len(token_ids), max_length), pad_id, dtype=torch.int64)  # (N, max_length)
+        for row, ids in enumerate(token_ids):
+            kept = ids[:max_length]
+            self.ids[row, :len(kept)] = torch.as_tensor(kept, dtype=torch.int64)
+        self.labels = torch.as_tensor(np.asarray(labels, dtype=np.int64))  # (N,)
+
+    @classmethod
+    def from_texts(cls, texts: Sequence[str], labels: Sequence[int], tokenizer: Tokenizer, max_length: int,
+                   pad_id: int | None = None) -> ClassificationDataset:
+        """Tokenize `texts` (special-token text stays ordinary text); pad with `pad_id`, by default the
+        tokenizer's padding token or else its end-of-text token (padding is never attended to)."""
+        if pad_id is None:
+            pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eot_id
+        return cls(tokenizer.encode_batch(list(texts)), labels, max_length, pad_id)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.ids[index], self.lengths[index], self.labels[index]
+
+
+def trim_padding(batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """(ids (B, max_length), lengths, labels) -> ids cut to the batch's longest text (B, T), lengths, labels."""
+    ids, lengths, labels = batch
+    return ids[:, :int(lengths.max())], lengths, labels
+
+
+class ClassificationBatchLoader(BatchLoader):
+    """`BatchLoader` over a ClassificationDataset, each batch trimmed to its longest text.
+
+    With `group_by_length`, batches hold texts of similar length, so they carry little
+    padding: each epoch's shuffled order is cut into windows of `LENGTH_WINDOW_BATCHES`
+    global batches, each window is sorted by text length and cut into batches, and the
+    batches of the epoch are shuffled. The order stays a pure function of (seed, epoch),
+    so `state_dict` and exact resume work as before.
+    """
+
+    LENGTH_WINDOW_BATCHES = 64
+
+    def __init__(self, dataset: ClassificationDataset, batch_size: int, *, shuffle: bool = True, seed: int = 0,
+                 rank: int = 0, world_size: int = 1, drop_last: bool = True, group_by_length: bool = False) -> None:
+        super().__init__(dataset, batch_size, shuffle=shuffle, seed=seed, rank=rank, world_size=world_size,
+                         drop_last=drop_last)
+        self.group_by_length = group_by_length
+        self._grouped_order = self._order
+        self._grouped_epoch: int | None = None  # the epoch `_grouped_order` belongs to
+
+    def _epoch_order(self) -> torch.Tensor:
+        order = super()._epoch_order()
+        if not self.group_by_length:
+            return order
+        if self._grouped_epoch != self._epoch:
+            self._grouped_order, self._grouped_epoch = self._grouped_by_length(order), self._epoch
+        return self._grouped_order
+
+    def _grouped_by_length(self, order: torch.Tensor) -> torch.Tensor:
+        lengths = self.dataset.lengths
+        window = self.global_batch_size * self.LENGTH_WINDOW_BATCHES
+        chunks = [order[start:start + window] for start in range(0, len(order), window)]
+        order = torch.cat([chunk[torch.argsort(lengths[chunk], stable=True)] for chunk in chunks])
+        whole = len(order) // self.global_batch_size * self.global_batch_size
+        batches = order[:whole].view(-1, self.global_batch_size)  # (batches, global batch)
+        generator = torch.Generator().manual_seed(self.seed + self._epoch)
+        shuffled = batches[torch.randperm(len(batches), generator=generator)]
+        return torch.cat([shuffled.flatten(), order[whole:]])
+
+    def next_batch(self) -> tuple[torch.Tensor, ...]:
+        """(ids (B, T), lengths (B,), labels (B,)): this rank's next batch."""
+        return trim_padding(super().next_batch())
+
+
+def iterate_classification_eval(
+    dataset: ClassificationDataset, batch_size: int, max_batches: int | None = None
+) -> Iterator[tuple[torch.Tensor, ...]]:
+    """`iterate_eval` over a ClassificationDataset, each batch trimmed to its longest text."""
+    for batch in iterate_eval(dataset, batch_size, max_batches):
+        yield trim_padding(batch)
+
+
+# ----------------------------------------------------------------------------
+# Instruction data: prompt + response sequences with the loss on the response
+# ----------------------------------------------------------------------------
+#
+#     records = read_instruction_records("data/instructions.json")          # gpt.prompts
+#     dataset = InstructionDataset.from_records(records, "model", tokenizer, max_length=256, mask_prompt=True)
+#     loader = InstructionBatchLoader(dataset, batch_size=8, seed=0)
+#     inputs, targets, lengths = loader.next_batch()   # (B, T), (B, T) with -100 where no loss, (B,)
+#
+# A sequence is prompt + response + the template's end-of-turn marker, tokenized as
+# two parts (the prompt exactly as generation will see it, then the rest). Targets
+# are the sequence shifted by one; padding gets -100, and with `mask_prompt` the
+# prompt's own tokens do too, so the loss falls on the response and on the end
+# marker, which teaches the model where to stop.
+
+
+@dataclass
+class InstructionStats:
+    """What tokenizing a set of records did: kept, prompts cut from the left, records dropped."""
+
+    records: int = 0
+    kept: int = 0
+    prompt_truncated: int = 0
+    dropped_too_long: int = 0
+
+
+def tokenize_instruction(record: dict[str, Any], template: str, tokenizer: Tokenizer) -> tuple[list[int], list[int]]:
+    """(prompt ids, response ids): the response ids end with the template's end-of-turn marker."""
+    from .prompts import format_example
+
+    prompt, full = format_example(record, template, tokenizer)
+    return (tokenizer.encode(prompt, allowed_special="all"),
+            tokenizer.encode(full[len(prompt):], allowed_special="all"))
+
+
+class InstructionDataset(Dataset):
+    """Tokenized instruction records, right-padded to the longest; item i is (inputs, targets, length).
+
+    `max_length` bounds the model's input (inputs are the sequence minus its last token).
+    A record that is too long loses prompt tokens from the left; one whose response alone
+    does not fit is dropped. Neither happens silently: `stats` counts both.
+    """
+
+    def __init__(self, sequences: Sequence[tuple[list[int], list[int]]], max_length: int, mask_prompt: bool,
+                 pad_id: int = 0) -> None:
+        self.stats = InstructionStats(records=len(sequences))
+        self.mask_prompt = mask_prompt
+        kept: list[tuple[list[int], int]] = []  # (ids, prompt length)
+        for prompt_ids, response_ids in sequences:
+            room = max_length + 1 - len(response_ids)  # tokens left for the prompt
+            if room < 1:
+                self.stats.dropped_too_long += 1
+                continue
+            if len(prompt_ids) > room:
+                self.stats.prompt_truncated += 1
+                prompt_ids = prompt_ids[-room:]
+            kept.append((prompt_ids + response_ids, len(prompt_ids)))
+        self.stats.kept = len(kept)
+        if not kept:
+            raise UserError(f"no instruction record fits in {max_length} tokens "
+                            f"({self.stats.dropped_too_long} dropped as too long)")
+        width = max(len(ids) for ids, _ in kept) - 1
+        self.inputs = torch.full((len(kept), width), pad_id, dtype=torch.int64)  # (N, width)
+        self.targets = torch.full((len(kept), width), -100, dtype=torch.int64)  # (N, width)
+        self.lengths = torch.tensor([len(ids) - 1 for ids, _ in kept], dtype=torch.int64)  # (N,)
+        for row, (ids, prompt_length) in enumerate(kept):
+            sequence = torch.as_tensor(ids, dtype=torch.int64)
+            self.inputs[row, :len(ids) - 1] = sequence[:-1]
+            self.targets[row, :len(ids) - 1] = sequence[1:]
+            if mask_prompt:  # targets 0 .. prompt_length-2 predict prompt tokens 1 .. prompt_length-1
+                self.targets[row, :prompt_length - 1] = -100
+
+    @classmethod
+    def from_records(cls, records: Sequence[dict[str, Any]], template: str, tokenizer: Tokenizer, max_length: int,
+                     mask_prompt: bool) -> InstructionDataset:
+        pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eot_id
+        sequences = [tokenize_instruction(record, template, tokenizer) for record in records]
+        return cls(sequences, max_length, mask_prompt, pad_id)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.inputs[index], self.targets[index], self.lengths[index]
+
+
+def trim_instruction_batch(batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """(inputs, targets, lengths) -> inputs and targets cut to the batch's longest sequence."""
+    inputs, targets, lengths = batch
+    width = int(lengths.max())
+    return inputs[:, :width], targets[:, :width], lengths
+
+
+class InstructionBatchLoader(BatchLoader):
+    """`BatchLoader` over an InstructionDataset, each batch trimmed to its longest sequence."""
+
+    def next_batch(self) -> tuple[torch.Tensor, ...]:
+        return trim_instruction_batch(super().next_batch())

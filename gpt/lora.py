@@ -30,10 +30,11 @@ from collections.abc import Iterable
 import torch
 import torch.nn as nn
 
+from .config import LORA_TARGETS
 from .errors import UserError
 
 # The attribute names of the model's linear layers that can take an adapter.
-VALID_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "gate_proj", "up_proj", "down_proj")
+VALID_TARGETS = LORA_TARGETS
 
 
 class LoRALinear(nn.Module):

@@ -26,6 +26,7 @@ import json
 import math
 import os
 import random
+import resource
 import signal
 import sys
 import threading
@@ -106,6 +107,11 @@ class Runtime:
         if self.autocast_dtype == torch.float32:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+
+def peak_memory_mib() -> float:
+    """This process's peak resident memory (ru_maxrss, KiB on Linux) in MiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def seed_everything(seed: int) -> None:

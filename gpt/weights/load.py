@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -10,6 +12,7 @@ import torch
 from ..checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint_path
 from ..errors import UserError
 from ..model import GPT
+from ..tokenizer import Tokenizer, get_tokenizer
 from .gguf import is_gguf_file, load_gguf
 from .hf import load_hf_folder, resolve_dtype
 
@@ -56,3 +59,41 @@ def source_kind(path: str | os.PathLike[str]) -> tuple[str, Path]:
     if path.name == "config.json" or path.suffix == ".safetensors":
         return "hf", path.parent  # a file inside a Hugging Face folder stands for the folder
     return "checkpoint", path
+
+
+@dataclass
+class LoadedModel:
+    """A model with the tokenizer it was trained with, for the scripts and verbs that take `--model`."""
+
+    model: GPT
+    tokenizer: Tokenizer
+    tokenizer_name: str  # what a checkpoint records to find this tokenizer again ("gpt2", a GGUF path or name)
+    description: str
+
+
+def load_model_and_tokenizer(source: str, *, seed: int = 0) -> LoadedModel:
+    """`source` is a known model name, a GGUF file, a Hugging Face folder, our checkpoint or run folder,
+    or a preset name (a random-init model with the GPT-2 tokenizer, e.g. to train from scratch)."""
+    from ..config import PRESETS, ModelConfig
+    from ..fetch import KNOWN_MODELS
+
+    if source in PRESETS and source not in KNOWN_MODELS and not Path(source).expanduser().exists():
+        torch.manual_seed(seed)
+        model = GPT(ModelConfig.preset(source))
+        return LoadedModel(model, get_tokenizer("gpt2"), "gpt2", f"{source} preset, random init")
+    kind, path = source_kind(source)  # a known name is fetched here on first use, with a message
+    if kind == "gguf":
+        tokenizer_name = source if source in KNOWN_MODELS else str(path.resolve())
+    elif kind == "checkpoint":
+        tokenizer_name = load_checkpoint(path).get("tokenizer", "gpt2")
+    else:
+        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+        if model_type != "gpt2":
+            raise UserError(f"{path}: no tokenizer support for Hugging Face {model_type!r} folders yet; "
+                            "use the model's GGUF file, or a GPT-2 folder")
+        tokenizer_name = "gpt2"
+    model, tokenizer = load_pretrained(path), get_tokenizer(tokenizer_name)
+    if tokenizer.n_vocab > model.config.vocab_size:
+        raise UserError(f"the tokenizer has {tokenizer.n_vocab} tokens but the model only "
+                        f"{model.config.vocab_size}; load this model with its own tokenizer")
+    return LoadedModel(model, tokenizer, tokenizer_name, f"{source} ({kind}: {path})")
