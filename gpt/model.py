@@ -402,7 +402,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         n_counted = (targets != -100).sum()
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if want_hidden_grad else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight_grad else None
+        grad_weight = None  # float32, (V, D), summed over chunks
         for start in range(0, hidden.shape[0], chunk_rows):
             h = hidden[start:start + chunk_rows]  # (c, D)
             t = targets[start:start + chunk_rows]  # (c,)
@@ -420,7 +420,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if want_hidden_grad:
                     grad_hidden[start:start + chunk_rows] = grad_logits @ weight  # (c, D)
                 if want_weight_grad:
-                    grad_weight += (grad_logits.T @ h).float()  # (V, D)
+                    partial = grad_logits.T @ h  # (V, D)
+                    grad_weight = partial.float() if grad_weight is None else grad_weight.add_(partial)
         n = n_counted.clamp(min=1).to(torch.float32)
         ctx.save_for_backward(grad_hidden, grad_weight, n)
         ctx.weight_dtype = weight.dtype
@@ -446,6 +447,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         hidden, weight = hidden.to(dtype), weight.to(dtype)
     else:
         weight = weight.to(hidden.dtype)
-    chunk_rows = max(16, (1 << 22) // weight.shape[0])  # about 16 MB of float32 logits per chunk
+    # About 128 MB of float32 logits per chunk: few enough chunks that adding each chunk's
+    # (V, D) weight gradient stays cheap, far less memory than the whole logits tensor.
+    chunk_rows = max(16, (1 << 25) // weight.shape[0])
     with torch.autocast(hidden.device.type, enabled=False):
         return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_rows)
