@@ -16,12 +16,14 @@ checkpoint under the real name: the previous one stays loadable.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, BinaryIO
 
 import torch
 
@@ -33,18 +35,20 @@ FORMAT = "gpt-checkpoint"
 VERSION = 1
 
 
-def atomic_write(path: str | Path, write: Any) -> None:
-    """Call `write(file_object)` on a temporary file beside `path`, fsync it, then rename it to `path`."""
+@contextlib.contextmanager
+def atomic_target(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside `path` to write to; when the block succeeds, the file is fsynced and
+    renamed to `path` (a crash leaves the old file, never a truncated one); when it fails, it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)  # the permissions a plainly created file would get, not mkstemp's 0600
+    os.chmod(tmp_name, 0o666 & ~umask)  # the permissions a plainly created file would get, not mkstemp's 0600
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
+        yield Path(tmp_name)
+        with open(tmp_name, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp_name, path)
     except BaseException:
@@ -55,6 +59,12 @@ def atomic_write(path: str | Path, write: Any) -> None:
         os.fsync(dir_fd)  # make the rename itself durable
     finally:
         os.close(dir_fd)
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
+    """Call `write(file_object)` on a temporary file beside `path`, then put it in place atomically."""
+    with atomic_target(path) as tmp, open(tmp, "wb") as f:
+        write(f)
 
 
 def save_checkpoint(path: str | Path, model: GPT, tokenizer: str = "gpt2", **extra: Any) -> None:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NoReturn
@@ -31,7 +30,7 @@ from typing import Any, NoReturn
 import torch
 import torch.nn as nn
 
-from ..checkpoint import atomic_write
+from ..checkpoint import atomic_target, atomic_write
 from ..config import ModelConfig
 from ..errors import ConfigError, UserError
 from ..model import GPT
@@ -520,30 +519,11 @@ def _put_conv1d(hf_tensors: dict[str, torch.Tensor], name: str, linears: list[nn
 
 
 def _save_safetensors_atomically(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """safetensors' save_file into a temporary file beside `path`, fsynced, then renamed to `path`.
-
-    (`checkpoint.atomic_write` hands out a file object; save_file wants a name, and
-    building the whole file as bytes in memory first would cost another copy.)
-    """
+    """safetensors' save_file into a temporary file beside `path`, fsynced, then renamed to `path`
+    (save_file wants a file name, so this uses `atomic_target` rather than `atomic_write`)."""
     safetensors = _import_safetensors()
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        safetensors.torch.save_file(tensors, tmp_name, metadata={"format": "pt"})
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_name, 0o666 & ~umask)  # the permissions a plainly created file gets, not 0600
-        with open(tmp_name, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
+    with atomic_target(path) as tmp:
+        safetensors.torch.save_file(tensors, str(tmp), metadata={"format": "pt"})
 
 
 def _write_json_atomically(path: Path, value: dict[str, Any]) -> None:
