@@ -986,9 +986,10 @@ def read_labeled_texts(
       label under `label_column` (default "label"), a string or an integer.
     * TSV/CSV: `header` "true"/"false" says whether line 1 names the columns; "auto"
       takes it as a header when a column is chosen by name, or when both are left
-      to default and line 1 holds the cells "text" and "label". With a header the
-      default columns are those named "text" and "label"; without one they are
-      label = column 0, text = column 1 (the layout of the SMS Spam Collection).
+      to default and line 1 holds the cells "text" and "label" (names match in any
+      case). With a header the default columns are those named "text" and "label";
+      without one they are label = column 0, text = column 1 (the layout of the
+      SMS Spam Collection).
       TSV has no quoting (a tab always separates); CSV follows RFC 4180 quoting.
       Every row must have as many columns as line 1.
 
@@ -1065,9 +1066,10 @@ def _labeled_rows(
         return
     first_line, first_cells = first
     cells = [cell.strip() for cell in first_cells]
+    folded = [cell.casefold() for cell in cells]  # header names match regardless of case
     by_name = [spec for spec in (text_column, label_column) if spec and not spec.isdigit()]
     if header == "auto":
-        has_header = bool(by_name) or (not text_column and not label_column and {"text", "label"} <= set(cells))
+        has_header = bool(by_name) or (not text_column and not label_column and {"text", "label"} <= set(folded))
     else:
         has_header = header == "true"
     what = "tab-separated" if file_format == "tsv" else "comma-separated"
@@ -1085,10 +1087,10 @@ def _labeled_rows(
                                 f"row (line {first_line} is data); give a 0-based column index or set data.header true")
             return default_index
         name = spec or default_name
-        if name not in cells:
+        if name.casefold() not in folded:
             raise UserError(f"{path}: no column named {name!r} in the header (line {first_line}: "
                             f"{', '.join(map(repr, cells))}); choose one with data.{role}_column")
-        return cells.index(name)
+        return folded.index(name.casefold())
 
     text_index = column(text_column, "text", "text", 1)
     label_index = column(label_column, "label", "label", 0)

@@ -1,0 +1,356 @@
+"""Text classification with a GPT: the class head, what trains, predictions, and `python -m gpt classify`.
+
+A `GPTClassifier` is a GPT whose LM head is replaced by `Linear(d_model, num_classes)`.
+A batch of right-padded token ids and their lengths flows through it as:
+
+    input_ids (B, T), lengths (B,)
+      -> gpt.hidden_states: causal blocks + final_norm          (B, T, D)
+      -> pool: the last real token's state (or the mean of the real tokens')   (B, D)
+      -> gpt.lm_head, now Linear(D, num_classes)               (B, num_classes) logits
+
+Right padding and causal attention keep predictions independent of padding: position
+i attends only to positions 0..i, so the states of a text's real tokens never see the
+padding after them, and pooling reads only those states.
+
+What trains (`set_trainable`): "head", "last:N" (the last N blocks, the final norm and
+the head), "all", or "lora" (low-rank adapters from `gpt.lora` plus the head).
+
+A classifier checkpoint is an ordinary gpt checkpoint (`gpt.checkpoint`) with a
+"classifier" entry: label names, pooling, max_length, the LoRA settings while adapters
+are in place, and for two classes the decision threshold tuned on validation.
+`load_classifier` rebuilds the model from any of them (adapters are merged on load);
+`classify_cli` is the `classify` verb:
+
+    python -m gpt classify --checkpoint runs/classifier-... "WINNER!! Claim your prize now"
+    python -m gpt classify --checkpoint runs/classifier-... --file messages.txt
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .checkpoint import load_checkpoint, load_model_state, resolve_checkpoint_path
+from .config import ModelConfig
+from .data import ClassificationDataset, iterate_classification_eval
+from .errors import ConfigError, UserError
+from .lora import apply_lora, count_parameters, merge_lora
+from .model import GPT
+from .tokenizer import Tokenizer, get_tokenizer
+
+POOLINGS = ("last", "mean")
+
+# ----------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------
+
+
+def pool(hidden: torch.Tensor, lengths: torch.Tensor, pooling: str) -> torch.Tensor:
+    """One vector per text from hidden states (B, T, D) of right-padded texts with `lengths` (B,) real tokens:
+    "last" -> the state of the last real token, "mean" -> the mean over the real tokens. Returns (B, D)."""
+    if pooling == "last":
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        return hidden[rows, lengths - 1]  # (B, D)
+    real = torch.arange(hidden.shape[1], device=hidden.device)[None, :] < lengths[:, None]  # (B, T)
+    summed = (hidden * real.unsqueeze(-1).to(hidden.dtype)).sum(dim=1)  # (B, D)
+    return summed / lengths[:, None].to(summed.dtype)
+
+
+class GPTClassifier(nn.Module):
+    """A GPT with its LM head replaced by a class head: `model(input_ids, lengths)` -> logits (B, num_classes).
+
+    `max_length` is the longest input the classifier was trained on (texts are cut to it);
+    it sets the sequence length behind `flops_per_token`.
+    """
+
+    def __init__(self, gpt: GPT, num_classes: int, pooling: str = "last", max_length: int | None = None) -> None:
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise UserError(f"classifier.pooling: must be one of {', '.join(POOLINGS)}; got {pooling!r}")
+        if num_classes < 2:
+            raise UserError(f"a classifier needs at least two classes, got {num_classes}")
+        max_length = max_length or gpt.config.context_length
+        if max_length > gpt.config.context_length:
+            raise UserError(f"classifier.max_length {max_length} exceeds the model's context_length "
+                            f"{gpt.config.context_length}")
+        self.gpt = gpt
+        self.pooling = pooling
+        self.max_length = max_length
+        weight = gpt.tok_emb.weight
+        # A new head: untied from the token embedding, small random weights, zero bias (the GPT's own init).
+        gpt.lm_head = nn.Linear(gpt.config.d_model, num_classes, bias=True, device=weight.device, dtype=weight.dtype)
+        nn.init.normal_(gpt.lm_head.weight, mean=0.0, std=0.02)
+        nn.init.zeros_(gpt.lm_head.bias)
+
+    @property
+    def config(self) -> ModelConfig:
+        """The GPT's config (what a checkpoint stores as model_config)."""
+        return self.gpt.config
+
+    def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Right-padded token ids (B, T) and real lengths (B,) -> class logits (B, num_classes)."""
+        hidden = self.gpt.hidden_states(input_ids)  # (B, T, D), plain causal attention
+        return self.gpt.lm_head(pool(hidden, lengths, self.pooling))  # (B, num_classes)
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token if everything trained (see `GPT.flops_per_token`), at `max_length` tokens."""
+        return self.gpt.flops_per_token(seq_len or self.max_length)
+
+
+# ----------------------------------------------------------------------------
+# What trains
+# ----------------------------------------------------------------------------
+
+
+def parse_trainable(spec: str) -> tuple[str, int]:
+    """"head" | "all" | "lora" -> (spec, 0); "last:N" -> ("last", N). Anything else raises ConfigError."""
+    if spec in ("head", "all", "lora"):
+        return spec, 0
+    kind, _, count = spec.partition(":")
+    if kind == "last" and count.isdigit() and int(count) >= 1:
+        return "last", int(count)
+    raise ConfigError(f"train.trainable: expected head, last:N (N >= 1), all or lora; got {spec!r}")
+
+
+def set_trainable(model: GPTClassifier, spec: str, lora: dict[str, Any] | None = None) -> str:
+    """Freeze everything but what `spec` trains; returns a short description of it.
+
+    "head": the class head. "last:N": the last N blocks, the final norm and the head.
+    "all": every parameter. "lora": adapters on `lora["targets"]` (rank, alpha,
+    dropout from `lora`) plus the head; the rest stays frozen. A model with fewer
+    than N blocks raises UserError.
+    """
+    kind, count = parse_trainable(spec)
+    n_layer = len(model.gpt.blocks)
+    if kind == "last" and count > n_layer:
+        raise UserError(f"train.trainable: {spec} asks for the last {count} blocks, but the model has {n_layer}")
+    if kind == "lora":
+        if lora is None:
+            raise UserError("train.trainable lora needs LoRA settings (rank, alpha, dropout, targets)")
+        wrapped = apply_lora(model.gpt, **lora)  # freezes everything else
+        model.gpt.lm_head.requires_grad_(True)
+        return f"LoRA adapters (rank {lora['rank']}) on {len(wrapped)} layers + head"
+    model.requires_grad_(kind == "all")
+    if kind == "all":
+        return "all parameters"
+    model.gpt.lm_head.requires_grad_(True)
+    if kind == "head":
+        return "head"
+    for block in model.gpt.blocks[n_layer - count:]:
+        block.requires_grad_(True)
+    model.gpt.final_norm.requires_grad_(True)
+    return f"last {count} block(s) + final norm + head"
+
+
+def describe_parameters(model: nn.Module) -> str:
+    """"trainable 1,234 of 5,678 parameters (21.73%)"."""
+    trainable, total = count_parameters(model)
+    return f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)"
+
+
+# ----------------------------------------------------------------------------
+# Predictions
+# ----------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def predict(
+    model: GPTClassifier, batches: Iterable[tuple[torch.Tensor, ...]], device: torch.device | str,
+    autocast: contextlib.AbstractContextManager | None = None, class_weight: torch.Tensor | None = None,
+    progress: bool = False,
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Class probabilities (N, C) and true labels (N,) over `batches` of (ids, lengths, labels), and the mean
+    cross-entropy (weighted by `class_weight` the way `F.cross_entropy` weighs it). Eval mode is the caller's."""
+    probabilities, labels = [], []
+    loss_sum, weight_sum = 0.0, 0.0
+    for ids, lengths, batch_labels in tqdm(batches, desc="predict", disable=None if progress else True, leave=False):
+        ids, lengths, batch_labels = ids.to(device), lengths.to(device), batch_labels.to(device)
+        with autocast or contextlib.nullcontext():
+            logits = model(ids, lengths).float()  # (B, C)
+        weights = class_weight[batch_labels] if class_weight is not None else torch.ones_like(logits[:, 0])
+        loss_sum += float((F.cross_entropy(logits, batch_labels, reduction="none") * weights).sum())
+        weight_sum += float(weights.sum())
+        probabilities.append(logits.softmax(dim=-1).cpu())
+        labels.append(batch_labels.cpu())
+    if not labels:
+        raise UserError("no examples to predict")
+    return torch.cat(probabilities).numpy(), torch.cat(labels).numpy(), loss_sum / max(weight_sum, 1e-12)
+
+
+def decide(probabilities: np.ndarray, threshold: float | None = None) -> np.ndarray:
+    """Class ids from probabilities (N, C): the most likely class, or with two classes and a
+    `threshold`, class 1 where its probability is at least the threshold. Returns (N,) int64."""
+    if threshold is not None and probabilities.shape[1] == 2:
+        return (probabilities[:, 1] >= threshold).astype(np.int64)
+    return probabilities.argmax(axis=1).astype(np.int64)
+
+
+# ----------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------
+
+
+def classifier_info(labels: Sequence[str], pooling: str, max_length: int, pad_id: int,
+                    lora: dict[str, Any] | None = None, threshold: float | None = None) -> dict[str, Any]:
+    """The "classifier" entry of a checkpoint: plain values, loadable with weights_only=True."""
+    return {"labels": list(labels), "pooling": pooling, "max_length": max_length, "pad_id": pad_id,
+            "lora": None if lora is None else {**lora, "targets": list(lora["targets"])}, "threshold": threshold}
+
+
+def resolve_classifier_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file, or a run folder -> its checkpoints/final.pt (the merged final model), else best.pt,
+    else latest.pt."""
+    path = Path(path)
+    final = path / "checkpoints" / "final.pt"
+    return final if path.is_dir() and final.is_file() else resolve_checkpoint_path(path, "best")
+
+
+def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> tuple[GPTClassifier, dict[str, Any], str]:
+    """(model in eval mode, the checkpoint's "classifier" entry, tokenizer name) from a classifier checkpoint
+    or run folder. A checkpoint saved with LoRA adapters in place gets them back, merged."""
+    file = resolve_classifier_checkpoint(path)
+    state = load_checkpoint(file, map_location=device)
+    info = state.get("classifier")
+    if not isinstance(info, dict):
+        raise UserError(f"{file}: not a classifier checkpoint (no 'classifier' entry); "
+                        "it may be a language model: try python -m gpt generate")
+    try:
+        config = ModelConfig.from_dict(state["model_config"])
+    except ConfigError as err:
+        raise UserError(f"{file}: bad model_config: {err}") from None
+    with torch.device("meta"):  # no time spent on a random init that the checkpoint replaces
+        gpt = GPT(config)
+    model = GPTClassifier(gpt, len(info["labels"]), info["pooling"], info["max_length"])
+    has_adapters = any(key.endswith(".lora_A") for key in state["model"])
+    if has_adapters:
+        apply_lora(model.gpt, **info["lora"])
+    model.to_empty(device=device)
+    load_model_state(model, state["model"], file)
+    gpt.reset_rope_tables(device)  # buffers derived from the config, not stored in the checkpoint
+    if has_adapters:
+        merge_lora(model.gpt)
+    return model.eval(), info, state.get("tokenizer", "gpt2")
+
+
+# ----------------------------------------------------------------------------
+# python -m gpt classify
+# ----------------------------------------------------------------------------
+
+
+def read_texts(path: Path) -> list[str]:
+    """Texts to classify: a .jsonl file's "text" fields, else one text per non-blank line."""
+    try:
+        content = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: cannot read texts ({err})") from None
+    texts = []
+    for number, line in enumerate(content.split("\n"), start=1):
+        if not line.strip():
+            continue
+        if path.suffix == ".jsonl":
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise UserError(f"{path}, line {number}, column {err.colno}: not valid JSON ({err.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise UserError(f'{path}, line {number}: expected an object with a string "text" field')
+            line = record["text"]
+        texts.append(line.strip())
+    if not texts:
+        raise UserError(f"{path}: no texts in the file")
+    return texts
+
+
+def classify_texts(model: GPTClassifier, tokenizer: Tokenizer, texts: Sequence[str], pad_id: int,
+                   batch_size: int = 32) -> np.ndarray:
+    """Class probabilities (N, C) for `texts`, each cut to the model's max_length tokens.
+
+    Texts go through in order of length, so a batch holds little padding; the result is in input order."""
+    token_ids = tokenizer.encode_batch(list(texts))
+    empty = [i for i, ids in enumerate(token_ids) if not ids]
+    if empty:
+        raise UserError(f"text {empty[0] + 1} is empty")
+    order = np.argsort([len(ids) for ids in token_ids], kind="stable")
+    dataset = ClassificationDataset([token_ids[i] for i in order], [0] * len(texts), model.max_length, pad_id)
+    device = next(model.parameters()).device
+    probabilities, _, _ = predict(model, iterate_classification_eval(dataset, batch_size), device,
+                                  progress=len(texts) > 4 * batch_size)
+    result = np.empty_like(probabilities)
+    result[order] = probabilities
+    return result
+
+
+def parse_threshold(text: str | None, info: dict[str, Any]) -> float | None:
+    """--threshold: None (the most likely class), "tuned" (the checkpoint's), or a number in [0, 1]."""
+    if text is None:
+        return None
+    if len(info["labels"]) != 2:
+        raise UserError(f"--threshold needs a two-class model; this one has {len(info['labels'])} classes")
+    if text == "tuned":
+        if info.get("threshold") is None:
+            raise UserError("--threshold tuned: this checkpoint holds no tuned threshold (only final.pt does)")
+        return float(info["threshold"])
+    try:
+        threshold = float(text)
+    except ValueError:
+        raise UserError(f"--threshold: expected a number or 'tuned', got {text!r}") from None
+    if not 0.0 <= threshold <= 1.0:
+        raise UserError(f"--threshold: must be between 0 and 1, got {threshold}")
+    return threshold
+
+
+def classify_cli(argv: list[str]) -> int:
+    """`python -m gpt classify --checkpoint RUN TEXT... | --file FILE`: labels with probabilities."""
+    from .train import pick_device
+
+    parser = argparse.ArgumentParser(
+        prog="python -m gpt classify",
+        description="Classify texts with a model trained by finetune_classifier.py. Prints, for each text, the "
+                    "predicted label (the most likely class), the probability of every class, and the text.",
+    )
+    parser.add_argument("--checkpoint", required=True,
+                        help="a run folder of finetune_classifier.py, or a checkpoint file")
+    parser.add_argument("texts", nargs="*", help="texts to classify")
+    parser.add_argument("--file", type=Path, help="more texts: one per line, or a .jsonl file with a \"text\" field")
+    parser.add_argument("--threshold", default=None,
+                        help="two classes: predict the second label when its probability is at least this number, "
+                             "or 'tuned' for the threshold tuned on validation (saved with the model)")
+    parser.add_argument("--json", action="store_true", help="one JSON object per text instead of aligned columns")
+    parser.add_argument("--batch-size", type=int, default=32, help="texts per forward pass (default: %(default)s)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (default: %(default)s)")
+    args = parser.parse_args(argv)
+    texts = [text.strip() for text in args.texts] + (read_texts(args.file) if args.file else [])
+    if not texts:
+        parser.error("give texts to classify, or --file FILE")
+    if any(not text for text in texts):
+        raise UserError("a text to classify is empty")
+
+    model, info, tokenizer_name = load_classifier(args.checkpoint, pick_device(args.device))
+    labels = info["labels"]
+    threshold = parse_threshold(args.threshold, info)
+    if threshold is not None:
+        print(f"[{labels[1]!r} when its probability is at least {threshold:.4f}]", file=sys.stderr)
+    probabilities = classify_texts(model, get_tokenizer(tokenizer_name), texts, info["pad_id"], args.batch_size)
+    predicted = decide(probabilities, threshold)
+    width = max(len(label) for label in labels)
+    for text, row, label_id in zip(texts, probabilities, predicted):
+        label = labels[label_id]
+        if args.json:
+            print(json.dumps({"text": text, "label": label,
+                              "probabilities": {name: round(float(p), 6) for name, p in zip(labels, row)}},
+                             ensure_ascii=False))
+        else:
+            scores = "  ".join(f"{name} {p:.4f}" for name, p in zip(labels, row))
+            print(f"{label:<{width}}  {scores}  {text}")
+    return 0
