@@ -281,6 +281,10 @@ def main(argv: list[str] | None = None) -> int:
         runtime.close()
     if not runtime.is_main:
         return 0
+    if result.interrupted:
+        print(f"no final report: training was interrupted; resume with --train.resume auto "
+              f"--train.out_dir {runtime.out_dir}")
+        return 0
 
     # Score the best weights (by validation loss), with any adapters folded into plain weights.
     best = runtime.out_dir / "checkpoints" / "best.pt"
