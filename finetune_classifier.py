@@ -446,15 +446,8 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint_extra={"classifier": info},
         tokenizer=tokenizer_name,
     )
-    try:
-        result = train(task, train_cfg, runtime, {name: s.to_dict() for name, s in config.items()})
-    finally:
-        runtime.close()
-    if not runtime.is_main:
-        return 0
-    if result.interrupted:
-        print(f"no final report: training was interrupted; resume with --train.resume auto "
-              f"--train.out_dir {runtime.out_dir}")
+    result = train(task, train_cfg, runtime, {name: s.to_dict() for name, s in config.items()})
+    if not runtime.is_main or result.interrupted:  # an interrupted run has said how to resume
         return 0
 
     best = runtime.out_dir / "checkpoints" / "best.pt"

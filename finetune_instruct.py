@@ -275,15 +275,8 @@ def main(argv: list[str] | None = None) -> int:
         batch_tokens=lambda batch: int((batch[1] != -100).sum()),
         tokenizer=tokenizer_name,
     )
-    try:
-        result = train(task, train_cfg, runtime, {name: s.to_dict() for name, s in config.items()})
-    finally:
-        runtime.close()
-    if not runtime.is_main:
-        return 0
-    if result.interrupted:
-        print(f"no final report: training was interrupted; resume with --train.resume auto "
-              f"--train.out_dir {runtime.out_dir}")
+    result = train(task, train_cfg, runtime, {name: s.to_dict() for name, s in config.items()})
+    if not runtime.is_main or result.interrupted:  # an interrupted run has said how to resume
         return 0
 
     # Score the best weights (by validation loss), with any adapters folded into plain weights.

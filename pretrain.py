@@ -106,10 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         batch_tokens=lambda batch: batch[1].numel(),
         tokenizer="gpt2",
     )
-    try:
-        result = train(task, train_cfg, runtime, {name: s.to_dict() for name, s in config.items()})
-    finally:
-        runtime.close()
+    result = train(task, train_cfg, runtime, {name: s.to_dict() for name, s in config.items()})
     if runtime.is_main:
         print(f"sample after training:  {greedy_sample(model, tokenizer, sample_cfg)!r}")
         if result.last_val:

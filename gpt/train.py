@@ -506,6 +506,7 @@ def train(task: TrainTask, cfg: TrainConfig, runtime: Runtime, run_config: dict[
     finally:
         progress.close()
         log.close()
+        runtime.close()  # what scripts do after training is rank-0 work that needs no process group
     return TrainResult(step, best_val_loss, last_val, stopped_early, interrupted, train_seconds,
                        tokens_seen / max(train_seconds, 1e-9))
 
