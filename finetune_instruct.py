@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
             m, (trim_instruction_batch(b)[:2] for b in iterate_eval(val_set, train_cfg.batch_size,
                                                                        max_batches=train_cfg.eval_batches)),
             runtime.device),
-        batch_tokens=lambda batch: int((batch[1] != -100).sum()),
+        batch_tokens=lambda batch: batch[0].numel(),  # every position is computed, padding included
         tokenizer=tokenizer_name,
     )
     result = train(task, train_cfg, runtime, {name: s.to_dict() for name, s in config.items()})

@@ -101,6 +101,7 @@ class KVCache:
         self.key_valid = torch.ones(batch_size, max_length, device=device, dtype=torch.bool)
         self.next_position = torch.zeros(batch_size, device=device, dtype=torch.long)
         self.length = 0  # slots filled so far
+        self.padded = False  # True once some row holds padding slots: attention then needs key_valid
         self.max_length = max_length
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,7 +144,11 @@ class CausalSelfAttention(nn.Module):
         allowed: torch.Tensor | None,
         cache: KVCache | None,
     ) -> torch.Tensor:
-        """x (B, T, D) -> (B, T, D). `allowed` (B, 1, T, S) says which keys each query may see; None = plain causal."""
+        """x (B, T, D) -> (B, T, D). `allowed` (B, 1, T, S) says which keys each query may see.
+
+        None means the plain causal rule: query i sees keys 0..i, counted from the end
+        when a cache holds earlier keys (a single new query sees every cached key).
+        """
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv_head, T, hd)
@@ -163,7 +168,7 @@ class CausalSelfAttention(nn.Module):
         else:
             dropout_p = self.dropout if self.training else 0.0
             out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=allowed, dropout_p=dropout_p, is_causal=allowed is None
+                q, k, v, attn_mask=allowed, dropout_p=dropout_p, is_causal=allowed is None and T > 1
             )
         out = out.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, D)
         return self.resid_dropout(self.out_proj(out))
@@ -288,8 +293,8 @@ class GPT(nn.Module):
             raise ValueError(f"KV cache holds {cache.max_length} positions; {start + T} needed")
 
         # Position ids: 0, 1, 2, ... per row, continuing from the cache and skipping left padding.
-        if padding_mask is None and cache is None:
-            positions = torch.arange(T, device=input_ids.device)  # (T,) shared by all rows
+        if padding_mask is None and (cache is None or not cache.padded):
+            positions = torch.arange(start, start + T, device=input_ids.device)  # (T,) shared by all rows
         else:
             steps = padding_mask.long().cumsum(dim=1) - 1 if padding_mask is not None else torch.arange(
                 T, device=input_ids.device
@@ -318,12 +323,17 @@ class GPT(nn.Module):
     def _allowed_keys(
         T: int, start: int, cache: KVCache | None, padding_mask: torch.Tensor | None
     ) -> torch.Tensor | None:
-        """Which keys each query may attend to, (B, 1, T, S) bool; None for the plain causal case."""
-        if cache is None and padding_mask is None:
+        """Which keys each query may attend to, (B, 1, T, S) bool; None for the plain causal case.
+
+        The plain case covers decoding without padding, the hot loop of generation: one new
+        query sees every cached key, or a prefill from an empty cache is ordinary causal.
+        """
+        if cache is not None and padding_mask is not None:
+            cache.key_valid[:, start:start + T] = padding_mask
+            cache.padded = True
+        if padding_mask is None and (cache is None or (not cache.padded and (T == 1 or start == 0))):
             return None
         if cache is not None:
-            if padding_mask is not None:
-                cache.key_valid[:, start:start + T] = padding_mask
             key_valid = cache.key_valid[:, :start + T]  # (B, S)
         else:
             key_valid = padding_mask
@@ -403,12 +413,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if want_hidden_grad else None
         grad_weight = None  # float32, (V, D), summed over chunks
+        # One float32 logits buffer serves every chunk: a fresh 100+ MB tensor per chunk would
+        # cost the allocator a new mapping and the kernel a page fault per 4 KiB, each time.
+        logits_buffer = hidden.new_empty(min(chunk_rows, hidden.shape[0]), weight.shape[0], dtype=torch.float32)
         for start in range(0, hidden.shape[0], chunk_rows):
             h = hidden[start:start + chunk_rows]  # (c, D)
             t = targets[start:start + chunk_rows]  # (c,)
             counted = t != -100
             safe_t = t.clamp(min=0)
-            logits = (h @ weight.T).float()  # (c, V)
+            logits = logits_buffer[:len(t)]  # (c, V)
+            if h.dtype == torch.float32:
+                torch.mm(h, weight.T, out=logits)
+            else:  # a bf16/fp16 matmul, then the softmax in float32
+                logits.copy_(h @ weight.T)
             log_norm = torch.logsumexp(logits, dim=-1)  # (c,)
             target_logit = logits.gather(1, safe_t[:, None]).squeeze(1)  # (c,)
             total += ((log_norm - target_logit) * counted).sum()
@@ -418,10 +435,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_logits *= counted[:, None]
                 grad_logits = grad_logits.to(h.dtype)
                 if want_hidden_grad:
-                    grad_hidden[start:start + chunk_rows] = grad_logits @ weight  # (c, D)
+                    torch.mm(grad_logits, weight, out=grad_hidden[start:start + chunk_rows])  # (c, D)
                 if want_weight_grad:
-                    partial = grad_logits.T @ h  # (V, D)
-                    grad_weight = partial.float() if grad_weight is None else grad_weight.add_(partial)
+                    if grad_weight is None:
+                        grad_weight = (grad_logits.T @ h).float()  # (V, D)
+                    elif h.dtype == torch.float32:
+                        grad_weight.addmm_(grad_logits.T, h)  # accumulate inside the matmul, no temporary
+                    else:
+                        grad_weight += grad_logits.T @ h
         n = n_counted.clamp(min=1).to(torch.float32)
         ctx.save_for_backward(grad_hidden, grad_weight, n)
         ctx.weight_dtype = weight.dtype

@@ -126,14 +126,16 @@ def test_rope_angle_matches_formula():
     assert math.isclose(sin[position, pair + 4].item(), math.sin(angle), rel_tol=1e-5)
 
 
+@pytest.mark.parametrize("attn_impl", ["sdpa", "manual"])
 @pytest.mark.parametrize("style", [{}, dict(LLAMA_STYLE, n_kv_head=3)])
-def test_kv_cache_logits_equal_full_forward(style):
-    model = model_for(small_config(**style))
+def test_kv_cache_logits_equal_full_forward(style, attn_impl):
+    """Prefill, a 3-token chunk after cached keys, then one token at a time: all equal one full pass."""
+    model = model_for(small_config(**style, attn_impl=attn_impl))
     ids = torch.randint(0, 97, (2, 14))
     full = model(ids)
     cache = model.new_cache(batch_size=2, max_length=14)
-    pieces = [model(ids[:, :5], cache=cache)]
-    pieces += [model(ids[:, t:t + 1], cache=cache) for t in range(5, 14)]
+    pieces = [model(ids[:, :5], cache=cache), model(ids[:, 5:8], cache=cache)]
+    pieces += [model(ids[:, t:t + 1], cache=cache) for t in range(8, 14)]
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
