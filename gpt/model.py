@@ -403,37 +403,53 @@ class _LinearCrossEntropy(torch.autograd.Function):
     forward pass computes the loss and, while the softmax is at hand, the gradients
     with respect to `hidden` and `weight` (d loss / d logits = softmax - one_hot);
     backward only scales them. Same FLOPs, a fraction of the memory traffic.
+
+    Two sizes matter. A chunk (about 128 MB of float32 logits) is large so that the
+    weight-gradient matmul, which adds into the whole (V, D) gradient once per chunk, runs
+    few times. The softmax then walks the chunk in blocks of a few rows that fit in the
+    CPU cache, so its several passes (max, exp, sum, scale) read main memory once.
     """
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int):
+    def forward(
+        ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int, block_rows: int
+    ):
         # hidden (N, D), weight (V, D), targets (N,) with -100 = ignore
         want_hidden_grad, want_weight_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        want_grad = want_hidden_grad or want_weight_grad
+        n_rows, vocab = hidden.shape[0], weight.shape[0]
         n_counted = (targets != -100).sum()
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if want_hidden_grad else None
         grad_weight = None  # float32, (V, D), summed over chunks
-        # One float32 logits buffer serves every chunk: a fresh 100+ MB tensor per chunk would
-        # cost the allocator a new mapping and the kernel a page fault per 4 KiB, each time.
-        logits_buffer = hidden.new_empty(min(chunk_rows, hidden.shape[0]), weight.shape[0], dtype=torch.float32)
-        for start in range(0, hidden.shape[0], chunk_rows):
+        # One logits buffer serves every chunk: a fresh 100+ MB tensor per chunk would cost
+        # the allocator a new mapping and the kernel a page fault per 4 KiB, each time.
+        logits_buffer = hidden.new_empty(min(chunk_rows, n_rows), vocab)  # in the matmul dtype
+        for start in range(0, n_rows, chunk_rows):
             h = hidden[start:start + chunk_rows]  # (c, D)
             t = targets[start:start + chunk_rows]  # (c,)
-            counted = t != -100
+            counted = (t != -100).float()  # (c,) 1 where the target counts
             safe_t = t.clamp(min=0)
-            logits = logits_buffer[:len(t)]  # (c, V)
-            if h.dtype == torch.float32:
-                torch.mm(h, weight.T, out=logits)
-            else:  # a bf16/fp16 matmul, then the softmax in float32
-                logits.copy_(h @ weight.T)
-            log_norm = torch.logsumexp(logits, dim=-1)  # (c,)
-            target_logit = logits.gather(1, safe_t[:, None]).squeeze(1)  # (c,)
+            logits = torch.mm(h, weight.T, out=logits_buffer[:len(t)])  # (c, V)
+            target_logit = logits.gather(1, safe_t[:, None]).squeeze(1).float()  # (c,)
+            log_norm = torch.empty(len(t), dtype=torch.float32, device=h.device)  # (c,) log sum exp per row
+            for row in range(0, len(t), block_rows):
+                block = logits[row:row + block_rows]
+                probs = block.float()  # (b, V): float32 softmax; the block itself when already float32
+                row_max = probs.amax(dim=-1, keepdim=True)
+                probs.sub_(row_max).exp_()
+                row_sum = probs.sum(dim=-1, keepdim=True)  # (b, 1)
+                log_norm[row:row + block_rows] = (row_max + row_sum.log()).squeeze(1)
+                if want_grad:
+                    # softmax minus one-hot, zero on ignored rows: the gradient of each counted row's loss
+                    probs.mul_(counted[row:row + block_rows, None] / row_sum)
+                    block_rows_index = torch.arange(len(probs), device=h.device)
+                    probs[block_rows_index, safe_t[row:row + block_rows]] -= counted[row:row + block_rows]
+                    if probs.data_ptr() != block.data_ptr():
+                        block.copy_(probs)  # back into the bf16/fp16 chunk, for the matmuls below
             total += ((log_norm - target_logit) * counted).sum()
-            if want_hidden_grad or want_weight_grad:
-                grad_logits = logits.sub_(log_norm[:, None]).exp_()  # softmax, in place of the logits
-                grad_logits[torch.arange(len(t), device=t.device), safe_t] -= 1.0  # minus one-hot
-                grad_logits *= counted[:, None]
-                grad_logits = grad_logits.to(h.dtype)
+            if want_grad:
+                grad_logits = logits  # (c, V), now holding the gradient
                 if want_hidden_grad:
                     torch.mm(grad_logits, weight, out=grad_hidden[start:start + chunk_rows])  # (c, D)
                 if want_weight_grad:
@@ -454,22 +470,27 @@ class _LinearCrossEntropy(torch.autograd.Function):
         scale = grad_output / n
         d_hidden = (grad_hidden * scale.to(grad_hidden.dtype)) if grad_hidden is not None else None
         d_weight = (grad_weight * scale).to(ctx.weight_dtype) if grad_weight is not None else None
-        return d_hidden, d_weight, None, None
+        return d_hidden, d_weight, None, None, None
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+    chunk_rows: int | None = None, block_rows: int | None = None,
+) -> torch.Tensor:
     """`F.cross_entropy(hidden @ weight.T, targets, ignore_index=-100)` without the full logits tensor.
 
     hidden (N, D), weight (V, D), targets (N,). Under autocast the matmuls run in the
     autocast precision and the softmax in float32, as they would in the plain version.
+    `chunk_rows` and `block_rows` (rows per matmul chunk and per softmax block) default to
+    about 128 MB and 8 MB of float32 logits.
     """
     if torch.is_autocast_enabled(hidden.device.type):
         dtype = torch.get_autocast_dtype(hidden.device.type)
         hidden, weight = hidden.to(dtype), weight.to(dtype)
     else:
         weight = weight.to(hidden.dtype)
-    # About 128 MB of float32 logits per chunk: few enough chunks that adding each chunk's
-    # (V, D) weight gradient stays cheap, far less memory than the whole logits tensor.
-    chunk_rows = max(16, (1 << 25) // weight.shape[0])
+    vocab = weight.shape[0]
+    chunk_rows = chunk_rows or max(16, (128 << 20) // (4 * vocab))
+    block_rows = block_rows or max(1, (8 << 20) // (4 * vocab))
     with torch.autocast(hidden.device.type, enabled=False):
-        return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_rows)
+        return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_rows, block_rows)

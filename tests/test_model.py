@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt.config import ModelConfig
-from gpt.model import GPT, apply_rope, rope_tables
+from gpt.model import GPT, apply_rope, linear_cross_entropy, rope_tables
 
 LLAMA_STYLE = dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", bias=False, tie_embeddings=False)
 
@@ -194,3 +194,24 @@ def test_fused_loss_equals_cross_entropy_of_logits_with_gradients(tie):
     torch.testing.assert_close(fused, reference, atol=1e-6, rtol=1e-6)
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, expected[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_linear_cross_entropy_in_chunks_and_blocks_equals_cross_entropy(precision):
+    """Several matmul chunks and softmax blocks, both with a short last piece, and ignored rows."""
+    torch.manual_seed(0)
+    hidden = torch.randn(61, 24, requires_grad=True)
+    weight = torch.randn(97, 24, requires_grad=True)
+    targets = torch.randint(0, 97, (61,))
+    targets[::5] = -100
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    with autocast:
+        reference = F.cross_entropy((hidden @ weight.T).float(), targets, ignore_index=-100)
+    expected = torch.autograd.grad(reference, (hidden, weight))
+    with autocast:
+        fused = linear_cross_entropy(hidden, weight, targets, chunk_rows=16, block_rows=5)
+    got = torch.autograd.grad(fused, (hidden, weight))
+    tolerance = dict(atol=1e-6, rtol=1e-5) if precision == "fp32" else dict(atol=2e-3, rtol=2e-2)
+    torch.testing.assert_close(fused, reference, **tolerance)
+    for name, g, e in zip(("hidden", "weight"), got, expected):
+        torch.testing.assert_close(g, e, **tolerance, msg=name)
