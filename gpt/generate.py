@@ -49,7 +49,7 @@ def next_token_logits_function(model: GPT, batch_size: int) -> Callable[[torch.T
     bound by how fast the weights stream from memory. With torch's CPU build the plain
     `hidden @ W.T` streams them at well under half the speed of two equivalent forms
     (measured in BENCHMARKS.md): for one row, a product with a (D, V) contiguous copy of
-    the weights (made once per call, one extra head in memory while generating); for
+    the weights (`GPT.transposed_lm_head`: one more head in memory, kept between calls); for
     several rows, `(W @ hidden.T).T`. The results equal the plain product up to float
     rounding (summation order). On GPUs the plain product is already fast.
     """
@@ -57,7 +57,7 @@ def next_token_logits_function(model: GPT, batch_size: int) -> Callable[[torch.T
     if weight.device.type != "cpu":
         return model.lm_head
     if batch_size == 1:
-        weight_t = weight.detach().T.contiguous()  # (D, V)
+        weight_t = model.transposed_lm_head()  # (D, V)
         return lambda hidden: hidden @ weight_t.to(hidden.dtype)
     return lambda hidden: (weight.to(hidden.dtype) @ hidden.T).T
 

@@ -33,6 +33,15 @@ def test_cached_greedy_equals_argmax_of_full_forward(model):
     assert uncached.tolist() == expected
 
 
+def test_decoding_head_copy_follows_weight_changes(model):
+    """One-row decoding uses a kept (D, V) copy of the head; changing the weights must not leave it stale."""
+    prompt = [5, 17, 42, 8]
+    generate(model, torch.tensor(prompt), max_new_tokens=5)  # makes the copy
+    with torch.no_grad():
+        model.lm_head.weight.mul_(-1.5)  # in place, as an optimizer step would
+    assert generate(model, torch.tensor(prompt), max_new_tokens=12).tolist() == greedy_by_full_forward(model, prompt, 12)
+
+
 def test_batch_of_uneven_prompts_equals_each_alone(model):
     prompts = [[1, 2, 3, 4, 5, 6], [7], [9, 10, 11]]
     batch = generate(model, prompts, max_new_tokens=12)
