@@ -456,9 +456,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if want_grad:
                     # softmax minus one-hot, zero on ignored rows: the gradient of each counted row's loss
                     probs.mul_(counted[row:row + block_rows, None] / row_sum)
-                    block_rows_index = torch.arange(len(probs), device=h.device)
-                    probs[block_rows_index, safe_t[row:row + block_rows]] -= counted[row:row + block_rows]
-                    if probs.data_ptr() != block.data_ptr():
+                    rows_in_block = torch.arange(len(probs), device=h.device)
+                    probs[rows_in_block, safe_t[row:row + block_rows]] -= counted[row:row + block_rows]
+                    if block.dtype != torch.float32:
                         block.copy_(probs)  # back into the bf16/fp16 chunk, for the matmuls below
             total += ((log_norm - target_logit) * counted).sum()
             if want_grad:
