@@ -4,7 +4,8 @@ glibc's malloc hands every block over 32 MB straight to the kernel (a fresh mmap
 gives it back on free, so each big temporary of a training step (logits, their float32
 copies, a weight gradient) is paid again in page faults: the kernel maps and zeroes
 every 4 KiB page on first touch. `mallopt(M_MMAP_MAX, 0)` plus a huge trim threshold
-makes glibc keep and reuse that memory instead.
+makes glibc keep and reuse that memory instead (`gpt.train.keep_freed_memory`, which
+our trainer applies on CPU unless `--train.keep_freed_memory false`).
 
 The allocator is a setting of the whole process, so each setting runs in its own
 process; inside one, our model and transformers' run interleaved round by round (the
@@ -20,7 +21,6 @@ faults per step.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import resource
 import statistics
@@ -30,14 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameter numbers (malloc.h)
-
-
-def keep_freed_memory() -> None:
-    """Tell glibc to serve every block from its heap and never return freed memory to the kernel."""
-    libc = ctypes.CDLL("libc.so.6")
-    if not (libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)):
-        raise SystemExit("mallopt refused the settings (not glibc?)")
+from gpt.train import keep_freed_memory
 
 
 def measure(config_name: str, rounds: int, steps: int) -> dict:
@@ -86,8 +79,8 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.child:  # one allocator setting, in this process; the parent reads the JSON line
-        if args.child == "keep-freed":
-            keep_freed_memory()
+        if args.child == "keep-freed" and not keep_freed_memory():
+            raise SystemExit("mallopt refused the settings (not glibc?)")
         print(json.dumps(measure(args.config, args.rounds, args.steps)))
         return
 

@@ -22,6 +22,7 @@ and rank 0 alone logs and writes checkpoints.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import math
 import os
@@ -120,6 +121,25 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory for reuse; True when it took effect (Linux with glibc).
+
+    By default glibc serves every block over 32 MB with a fresh mapping and unmaps it on
+    free, so each big temporary of a training step (logits, a weight gradient) costs a
+    page fault per 4 KiB page, every step. `python -m benchmarks.allocator` measured 470K
+    faults and 0.8 s of kernel time per step for transformers' GPT-2 at tiny, and 7%
+    (fp32) to 19% (bf16) faster steps for ours once the memory is kept.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (e.g. musl)
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # mallopt parameter numbers from glibc's malloc.h
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+
+
 def setup_runtime(cfg: TrainConfig, script: str) -> Runtime:
     """Pick device and precision, join the process group under torchrun, create the run folder, seed.
 
@@ -141,6 +161,8 @@ def setup_runtime(cfg: TrainConfig, script: str) -> Runtime:
     if rank == 0:
         (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     dtype = pick_autocast_dtype(cfg.dtype, device)
+    if device.type == "cpu" and cfg.keep_freed_memory:
+        keep_freed_memory()
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for the fp32 matmuls that remain
         torch.backends.cudnn.allow_tf32 = True
