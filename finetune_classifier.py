@@ -443,6 +443,7 @@ def main(argv: list[str] | None = None) -> int:
         loss=loss,
         evaluate=evaluate,
         batch_tokens=lambda batch: int(batch[1].sum()),
+        sequence_length=lambda batch: batch[0].shape[1],
         checkpoint_extra={"classifier": info},
         tokenizer=tokenizer_name,
     )

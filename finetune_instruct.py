@@ -273,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                        max_batches=train_cfg.eval_batches)),
             runtime.device),
         batch_tokens=lambda batch: batch[0].numel(),  # every position is computed, padding included
+        sequence_length=lambda batch: batch[0].shape[1],
         tokenizer=tokenizer_name,
     )
     result = train(task, train_cfg, runtime, {name: s.to_dict() for name, s in config.items()})

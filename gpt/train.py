@@ -189,7 +189,9 @@ class TrainTask:
 
     `loss(model, batch)` returns the mean loss of a micro-batch (autocast is already on);
     `evaluate(model)` returns validation metrics with at least "loss";
-    `batch_tokens(batch)` counts the tokens a batch trains on (for tokens/s and MFU).
+    `batch_tokens(batch)` counts the tokens a batch trains on (for tokens/s and MFU);
+    `sequence_length(batch)`, when given, the length of its rows (the attention FLOPs in MFU
+    depend on it; without it, rows are taken to fill the model's context).
     """
 
     model: GPT
@@ -197,6 +199,7 @@ class TrainTask:
     loss: Callable[[torch.nn.Module, Any], torch.Tensor]
     evaluate: Callable[[torch.nn.Module], dict[str, float]]
     batch_tokens: Callable[[Any], int]
+    sequence_length: Callable[[Any], int] | None = None
     checkpoint_extra: dict[str, Any] = field(default_factory=dict)  # e.g. tokenizer name, label names
     tokenizer: str = "gpt2"
 
@@ -410,7 +413,7 @@ def train(task: TrainTask, cfg: TrainConfig, runtime: Runtime, run_config: dict[
 
     log = MetricsLog(runtime, cfg, run_config, step if resume_path is not None else None)
     peak_flops = measured_peak_flops(runtime.device, runtime.autocast_dtype) if runtime.is_main else 0.0
-    flops_per_token = model.flops_per_token()
+    flops_per_token_at: dict[int | None, float] = {}  # sequence length -> model FLOPs per token
     checkpoint_dir = runtime.out_dir / "checkpoints"
 
     def save(name: str) -> None:
@@ -458,6 +461,7 @@ def train(task: TrainTask, cfg: TrainConfig, runtime: Runtime, run_config: dict[
                 for micro in range(cfg.grad_accum_steps):
                     batch = move_to(task.train_batches.next_batch(), runtime.device)
                     step_tokens += task.batch_tokens(batch)
+                    sequence_length = task.sequence_length(batch) if task.sequence_length else None
                     last_micro = micro == cfg.grad_accum_steps - 1
                     sync = contextlib.nullcontext() if last_micro or not runtime.distributed else ddp_model.no_sync()
                     with sync:
@@ -488,6 +492,9 @@ def train(task: TrainTask, cfg: TrainConfig, runtime: Runtime, run_config: dict[
                 train_seconds += elapsed
                 tokens_seen += step_tokens
                 tokens_per_s = step_tokens / elapsed
+                if sequence_length not in flops_per_token_at:
+                    flops_per_token_at[sequence_length] = model.flops_per_token(sequence_length)
+                flops_per_token = flops_per_token_at[sequence_length]
                 mfu = flops_per_token * tokens_per_s / peak_flops / runtime.world_size if peak_flops else 0.0
                 progress.update(1)
                 progress.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}",
