@@ -128,7 +128,8 @@ def keep_freed_memory() -> bool:
     free, so each big temporary of a training step (logits, a weight gradient) costs a
     page fault per 4 KiB page, every step. `python -m benchmarks.allocator` measured 470K
     faults and 0.8 s of kernel time per step for transformers' GPT-2 at tiny, and 7%
-    (fp32) to 19% (bf16) faster steps for ours once the memory is kept.
+    (fp32) to 19% (bf16) faster steps for ours once the memory is kept. The setting holds for
+    the rest of the process.
     """
     if not sys.platform.startswith("linux"):
         return False
