@@ -397,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     trainable_parameters, total_parameters = count_parameters(model)
     model.to(runtime.device)
 
-    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eot_id
+    pad_id = tokenizer.padding_id
     datasets = tokenize_splits(splits, tokenizer, max_length, pad_id)
     weights = class_weights(splits.ids(splits.train), len(splits.labels)) if data_cfg.balance == "weight" else None
     config["model"] = gpt.config

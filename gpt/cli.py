@@ -215,18 +215,14 @@ def sliding_window_loss(model: GPT, ids: list[int], window: int, stride: int, ba
 
 def read_prompts(path: Path) -> list[dict]:
     """JSONL records with `prompt` (plain text) or `messages` (a chat); a bad line names the file and line."""
+    from .prompts import json_lines
+
     records = []
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
         raise UserError(f"{path}: cannot read prompts ({err})") from None
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UserError(f"{path}, line {number}: invalid JSON ({err.msg})") from None
+    for number, record in json_lines(path, text):
         if not isinstance(record, dict) or not ({"prompt", "messages"} & record.keys()):
             raise UserError(f"{path}, line {number}: expected an object with a 'prompt' or 'messages' field")
         records.append(record)

@@ -1261,7 +1261,7 @@ class ClassificationDataset(Dataset):
         """Tokenize `texts` (special-token text stays ordinary text); pad with `pad_id`, by default the
         tokenizer's padding token or else its end-of-text token (padding is never attended to)."""
         if pad_id is None:
-            pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eot_id
+            pad_id = tokenizer.padding_id
         return cls(tokenizer.encode_batch(list(texts)), labels, max_length, pad_id)
 
     def __len__(self) -> int:
@@ -1404,7 +1404,7 @@ class InstructionDataset(Dataset):
     @classmethod
     def from_records(cls, records: Sequence[dict[str, Any]], template: str, tokenizer: Tokenizer, max_length: int,
                      mask_prompt: bool) -> InstructionDataset:
-        pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eot_id
+        pad_id = tokenizer.padding_id
         sequences = [tokenize_instruction(record, template, tokenizer) for record in records]
         return cls(sequences, max_length, mask_prompt, pad_id)
 

@@ -438,6 +438,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # One logits buffer serves every chunk: a fresh 100+ MB tensor per chunk would cost
         # the allocator a new mapping and the kernel a page fault per 4 KiB, each time.
         logits_buffer = hidden.new_empty(min(chunk_rows, n_rows), vocab)  # in the matmul dtype
+        block_row_index = torch.arange(block_rows, device=hidden.device)  # 0..b-1, for the one-hot
         for start in range(0, n_rows, chunk_rows):
             h = hidden[start:start + chunk_rows]  # (c, D)
             t = targets[start:start + chunk_rows]  # (c,)
@@ -456,8 +457,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if want_grad:
                     # softmax minus one-hot, zero on ignored rows: the gradient of each counted row's loss
                     probs.mul_(counted[row:row + block_rows, None] / row_sum)
-                    rows_in_block = torch.arange(len(probs), device=h.device)
-                    probs[rows_in_block, safe_t[row:row + block_rows]] -= counted[row:row + block_rows]
+                    probs[block_row_index[:len(probs)], safe_t[row:row + block_rows]] -= counted[row:row + block_rows]
                     if block.dtype != torch.float32:
                         block.copy_(probs)  # back into the bf16/fp16 chunk, for the matmuls below
             total += ((log_norm - target_logit) * counted).sum()

@@ -104,6 +104,11 @@ class Tokenizer:
     def __repr__(self) -> str:
         return f"Tokenizer({self.name!r}, n_vocab={self.n_vocab}, eot_id={self.eot_id})"
 
+    @property
+    def padding_id(self) -> int:
+        """The id to pad batches with: the padding token if the vocabulary has one, else end-of-text."""
+        return self.pad_id if self.pad_id is not None else self.eot_id
+
     def encode(self, text: str, allowed_special: Literal["all"] | Set[str] = frozenset()) -> list[int]:
         """Token ids of `text`. Special-token text is ordinary text unless named in
         `allowed_special` (a set of special-token strings, or "all")."""
