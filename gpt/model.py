@@ -407,6 +407,27 @@ class GPT(nn.Module):
 # ----------------------------------------------------------------------------
 
 
+_CPU_WORKSPACE: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+
+def workspace(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialized buffer for the fused loss, reused across calls on CPU.
+
+    A fresh 100+ MB tensor each step costs glibc a new mapping and the kernel a page fault
+    per 4 KiB page when it is first written (about 50 ms a step for tiny's 206 MB of
+    logits). On CPU each named buffer is kept (the largest asked for so far, bounded by the
+    loss's 256 MB chunks) for the life of the process; CUDA's caching allocator already
+    reuses its blocks. So the loss is not re-entrant on CPU: two threads must not run it at once.
+    """
+    if device.type != "cpu":
+        return torch.empty(shape, dtype=dtype, device=device)
+    numel = math.prod(shape)
+    kept = _CPU_WORKSPACE.get((name, dtype))
+    if kept is None or kept.numel() < numel:
+        kept = _CPU_WORKSPACE[name, dtype] = torch.empty(numel, dtype=dtype)
+    return kept[:numel].view(shape)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of `hidden @ weight.T` against `targets`, a chunk of rows at a time.
 
@@ -427,65 +448,84 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(
         ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int, block_rows: int
     ):
-        # hidden (N, D), weight (V, D), targets (N,) with -100 = ignore
+        # hidden (N, D) in the matmul dtype, weight (V, D) in its own (master) dtype, targets (N,) with -100 = ignore
         want_hidden_grad, want_weight_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         want_grad = want_hidden_grad or want_weight_grad
         n_rows, vocab = hidden.shape[0], weight.shape[0]
+        matmul_weight = weight  # (V, D)
+        if weight.dtype != hidden.dtype:
+            matmul_weight = workspace("weight", weight.shape, hidden.dtype, weight.device).copy_(weight)
         n_counted = (targets != -100).sum()
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if want_hidden_grad else None
-        grad_weight = None  # float32, (V, D), summed over chunks
-        # One logits buffer serves every chunk: a fresh 100+ MB tensor per chunk would cost
-        # the allocator a new mapping and the kernel a page fault per 4 KiB, each time.
-        logits_buffer = hidden.new_empty(min(chunk_rows, n_rows), vocab)  # in the matmul dtype
+        grad_weight = None  # (V, D) in the weight's dtype, summed over chunks
+        logits_buffer = workspace("logits", (min(chunk_rows, n_rows), vocab), hidden.dtype, hidden.device)
         block_row_index = torch.arange(block_rows, device=hidden.device)  # 0..b-1, for the one-hot
+        # float32 room for one block of logits (when they are bf16/fp16) and one of probabilities
+        float_block = None
+        if hidden.dtype != torch.float32:
+            float_block = workspace("float block", (block_rows, vocab), torch.float32, hidden.device)
+        probs_block = workspace("probabilities", (block_rows, vocab), torch.float32, hidden.device)
         for start in range(0, n_rows, chunk_rows):
             h = hidden[start:start + chunk_rows]  # (c, D)
             t = targets[start:start + chunk_rows]  # (c,)
             counted = (t != -100).float()  # (c,) 1 where the target counts
             safe_t = t.clamp(min=0)
-            logits = torch.mm(h, weight.T, out=logits_buffer[:len(t)])  # (c, V)
+            logits = torch.mm(h, matmul_weight.T, out=logits_buffer[:len(t)])  # (c, V)
             target_logit = logits.gather(1, safe_t[:, None]).squeeze(1).float()  # (c,)
             log_norm = torch.empty(len(t), dtype=torch.float32, device=h.device)  # (c,) log sum exp per row
             for row in range(0, len(t), block_rows):
-                block = logits[row:row + block_rows]
-                probs = block.float()  # (b, V): float32 softmax; the block itself when already float32
-                row_max = probs.amax(dim=-1, keepdim=True)
-                probs.sub_(row_max).exp_()
-                row_sum = probs.sum(dim=-1, keepdim=True)  # (b, 1)
-                log_norm[row:row + block_rows] = (row_max + row_sum.log()).squeeze(1)
+                block = logits[row:row + block_rows]  # (b, V)
+                block32 = block if float_block is None else float_block[:len(block)].copy_(block)  # (b, V) float32
+                probs = probs_block[:len(block)]
+                # One fused kernel (row max, exp and sum, scale) in place of five passes over the block.
+                torch.ops.aten._softmax.out(block32, -1, False, out=probs)  # (b, V)
+                # The top probability is exp(0) / sum, so log sum exp = row max - log(top
+                # probability); it is at least 1/V, so the log never sees an underflow.
+                log_norm[row:row + block_rows] = block32.amax(dim=-1) - probs.amax(dim=-1).log()
                 if want_grad:
                     # softmax minus one-hot, zero on ignored rows: the gradient of each counted row's loss
-                    probs.mul_(counted[row:row + block_rows, None] / row_sum)
+                    probs.mul_(counted[row:row + block_rows, None])
                     probs[block_row_index[:len(probs)], safe_t[row:row + block_rows]] -= counted[row:row + block_rows]
-                    if block.dtype != torch.float32:
-                        block.copy_(probs)  # back into the bf16/fp16 chunk, for the matmuls below
+                    block.copy_(probs)  # back into the chunk, for the matmuls below
             total += ((log_norm - target_logit) * counted).sum()
             if want_grad:
                 grad_logits = logits  # (c, V), now holding the gradient
                 if want_hidden_grad:
-                    torch.mm(grad_logits, weight, out=grad_hidden[start:start + chunk_rows])  # (c, D)
+                    torch.mm(grad_logits, matmul_weight, out=grad_hidden[start:start + chunk_rows])  # (c, D)
                 if want_weight_grad:
-                    if grad_weight is None:
-                        grad_weight = (grad_logits.T @ h).float()  # (V, D)
-                    elif h.dtype == torch.float32:
-                        grad_weight.addmm_(grad_logits.T, h)  # accumulate inside the matmul, no temporary
-                    else:
-                        grad_weight += grad_logits.T @ h
+                    if h.dtype == weight.dtype:
+                        if grad_weight is None:
+                            grad_weight = grad_logits.T @ h  # (V, D)
+                        else:
+                            grad_weight.addmm_(grad_logits.T, h)  # accumulate inside the matmul, no temporary
+                    else:  # a bf16/fp16 matmul cannot write a float32 sum: a product, then one cast or add
+                        product = torch.mm(grad_logits.T, h, out=workspace("weight grad", weight.shape, h.dtype, h.device))
+                        if grad_weight is None:
+                            grad_weight = product.to(weight.dtype)
+                        else:  # the default chunk size makes this rare
+                            grad_weight += product
         n = n_counted.clamp(min=1).to(torch.float32)
-        ctx.save_for_backward(grad_hidden, grad_weight, n)
-        ctx.weight_dtype = weight.dtype
+        # Kept on ctx, not saved for backward: backward scales them in place (no new
+        # (V, D) tensor), which is only right once.
+        ctx.grads = (grad_hidden, grad_weight, n)
         return total / n
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        grad_hidden, grad_weight, n = ctx.saved_tensors
+        if ctx.grads is None:
+            raise RuntimeError("linear_cross_entropy: backward can run only once per forward")
+        grad_hidden, grad_weight, n = ctx.grads
+        ctx.grads = None
         scale = grad_output / n
-        d_hidden = (grad_hidden * scale.to(grad_hidden.dtype)) if grad_hidden is not None else None
-        d_weight = (grad_weight * scale).to(ctx.weight_dtype) if grad_weight is not None else None
-        return d_hidden, d_weight, None, None, None
+        if grad_hidden is not None:
+            grad_hidden.mul_(scale.to(grad_hidden.dtype))
+        if grad_weight is not None:
+            grad_weight.mul_(scale.to(grad_weight.dtype))
+        return grad_hidden, grad_weight, None, None, None
 
 
+@torch.compiler.disable  # runs eagerly inside a compiled model: its kernels and buffers are already chosen by hand
 def linear_cross_entropy(
     hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     chunk_rows: int | None = None, block_rows: int | None = None,
@@ -495,15 +535,18 @@ def linear_cross_entropy(
     hidden (N, D), weight (V, D), targets (N,). Under autocast the matmuls run in the
     autocast precision and the softmax in float32, as they would in the plain version.
     `chunk_rows` and `block_rows` (rows per matmul chunk and per softmax block) default to
-    about 128 MB and 8 MB of float32 logits.
+    equal chunks of at most 256 MB of logits and blocks of about 8 MB of float32 logits.
+    The weight is cast for the matmuls inside, so its gradient comes back in its own
+    dtype without a round trip through bf16.
     """
     if torch.is_autocast_enabled(hidden.device.type):
-        dtype = torch.get_autocast_dtype(hidden.device.type)
-        hidden, weight = hidden.to(dtype), weight.to(dtype)
-    else:
-        weight = weight.to(hidden.dtype)
-    vocab = weight.shape[0]
-    chunk_rows = chunk_rows or max(16, (128 << 20) // (4 * vocab))
+        hidden = hidden.to(torch.get_autocast_dtype(hidden.device.type))
+    n_rows, vocab = hidden.shape[0], weight.shape[0]
+    if chunk_rows is None:
+        # As few chunks as fit: each chunk adds one (V, D) matmul result into the weight gradient.
+        max_rows = max(16, (256 << 20) // (hidden.element_size() * vocab))
+        n_chunks = max(1, math.ceil(n_rows / max_rows))
+        chunk_rows = math.ceil(n_rows / n_chunks)
     block_rows = block_rows or max(1, (8 << 20) // (4 * vocab))
     with torch.autocast(hidden.device.type, enabled=False):
         return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_rows, block_rows)

@@ -215,3 +215,32 @@ def test_linear_cross_entropy_in_chunks_and_blocks_equals_cross_entropy(precisio
     torch.testing.assert_close(fused, reference, **tolerance)
     for name, g, e in zip(("hidden", "weight"), got, expected):
         torch.testing.assert_close(g, e, **tolerance, msg=name)
+
+
+def test_linear_cross_entropy_reuses_its_buffers_across_sizes_and_dtypes():
+    """The CPU workspace grows and shrinks with the call: results match a fresh reference every time."""
+    torch.manual_seed(1)
+    weight = torch.randn(53, 16, requires_grad=True)
+    for rows, precision in [(40, "fp32"), (7, "bf16"), (90, "bf16"), (3, "fp32"), (90, "fp32")]:
+        hidden = torch.randn(rows, 16, requires_grad=True)
+        targets = torch.randint(0, 53, (rows,))
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+        with autocast:
+            reference = F.cross_entropy((hidden @ weight.T).float(), targets)
+            fused = linear_cross_entropy(hidden, weight, targets, chunk_rows=32, block_rows=6)
+        tolerance = dict(atol=1e-6, rtol=1e-5) if precision == "fp32" else dict(atol=2e-3, rtol=2e-2)
+        torch.testing.assert_close(fused, reference, **tolerance)
+        expected = torch.autograd.grad(reference, (hidden, weight))
+        got = torch.autograd.grad(fused, (hidden, weight))
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g, e, **tolerance)
+
+
+def test_linear_cross_entropy_backward_twice_is_an_error():
+    """Backward scales the kept gradients in place, so a second pass would silently double-scale them."""
+    hidden = torch.randn(5, 8, requires_grad=True)
+    weight = torch.randn(11, 8, requires_grad=True)
+    loss = linear_cross_entropy(hidden, weight, torch.randint(0, 11, (5,)))
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="only once"):
+        loss.backward()
