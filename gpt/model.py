@@ -233,6 +233,19 @@ class Block(nn.Module):
 # ----------------------------------------------------------------------------
 
 
+def column_blocks(weight: torch.Tensor, blocks: int) -> torch.Tensor:
+    """(V, D) weight -> (blocks, D, ceil(V / blocks)) contiguous: its transpose cut into column blocks.
+
+    The last block is padded with zero columns. `hidden @ W.T` equals the blocks' products
+    side by side (`gpt.generate.blocked_head_product`), up to float rounding.
+    """
+    vocab, width = weight.shape
+    block_width = -(-vocab // blocks)
+    padded = weight.new_zeros(blocks * block_width, width)  # (blocks * Vb, D)
+    padded[:vocab] = weight
+    return padded.view(blocks, block_width, width).transpose(1, 2).contiguous()  # (blocks, D, Vb)
+
+
 class GPT(nn.Module):
     """A decoder-only transformer language model: `model(input_ids)` -> logits (B, T, vocab_size)."""
 
@@ -369,18 +382,18 @@ class GPT(nn.Module):
         length = max_length or self.config.context_length
         return KVCache(self.config, batch_size, length, device=weight.device, dtype=weight.dtype)
 
-    def transposed_lm_head(self) -> torch.Tensor:
-        """A contiguous (D, V) copy of the LM head weight, which one-row decoding on CPU streams faster.
+    def lm_head_column_blocks(self, blocks: int) -> torch.Tensor:
+        """The LM head weight as `blocks` contiguous (D, V / blocks) column blocks, for one-row decoding on CPU.
 
         Kept between calls (a chat pays for it once) until the weight changes: in place (its
         version counter moves), replaced, or moved. Not a buffer: never saved.
         """
         weight = self.lm_head.weight
-        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
-        if getattr(self, "_transposed_lm_head_key", None) != key:
-            self._transposed_lm_head = weight.detach().T.contiguous()
-            self._transposed_lm_head_key = key
-        return self._transposed_lm_head
+        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device, blocks)
+        if getattr(self, "_lm_head_blocks_key", None) != key:
+            self._lm_head_blocks = column_blocks(weight.detach(), blocks)
+            self._lm_head_blocks_key = key
+        return self._lm_head_blocks
 
     # ------------------------------------------------------------------ helpers
 
