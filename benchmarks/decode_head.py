@@ -7,8 +7,8 @@ same numbers up to float rounding; on a CPU they differ a lot in speed, which is
     plain        hidden @ W.T            what nn.Linear does
     transposed   hidden @ W_t            W_t = W.T.contiguous(), a (D, V) copy made once
     swapped      (W @ hidden.T).T        the same weights, the product the other way round
-    blocked      bmm over column blocks  W_t cut into one (D, V / threads) block per thread, a
-                                         batched product that torch spreads over its threads
+    blocked      bmm over row blocks     W viewed as one (V / threads, D) block per thread (no
+                                         copy), one batched product torch spreads over its threads
 
 Each form runs `--repeats` times per round, the rounds interleave the forms, and the
 median is reported with the bandwidth it implies (bytes of W read per second).
@@ -25,8 +25,7 @@ import time
 
 import torch
 
-from gpt.generate import blocked_head_product
-from gpt.model import column_blocks
+from gpt.model import row_blocked_product
 
 
 def main() -> None:
@@ -44,14 +43,13 @@ def main() -> None:
     for width in (int(w) for w in args.widths.split(",")):
         weight = torch.randn(args.vocab, width, generator=generator) * 0.02  # (V, D)
         weight_t = weight.T.contiguous()  # (D, V)
-        blocks = column_blocks(weight, torch.get_num_threads())  # (k, D, V / k)
         for batch in (int(b) for b in args.batch_sizes.split(",")):
             hidden = torch.randn(batch, width, generator=generator)  # (B, D)
             forms = {
                 "plain": lambda: hidden @ weight.T,
                 "transposed": lambda: hidden @ weight_t,
                 "swapped": lambda: (weight @ hidden.T).T,
-                "blocked": lambda: blocked_head_product(hidden, blocks, args.vocab),
+                "blocked": lambda: row_blocked_product(hidden, weight, torch.get_num_threads()),
             }
             reference = forms["plain"]()
             for form in forms.values():  # warm-up, and the forms agree

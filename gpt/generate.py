@@ -42,35 +42,20 @@ def sample_next_token(
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
 
 
-def blocked_head_product(hidden: torch.Tensor, blocks: torch.Tensor, vocab: int) -> torch.Tensor:
-    """hidden (B, D) @ column blocks (k, D, Vb) (`gpt.model.column_blocks`) -> logits (B, vocab).
-
-    One batched matmul: torch's CPU build runs the k products on its k threads at once.
-    """
-    count, width, _ = blocks.shape
-    parts = torch.bmm(hidden.to(blocks.dtype).unsqueeze(0).expand(count, -1, width), blocks)  # (k, B, Vb)
-    return parts.transpose(0, 1).flatten(1)[:, :vocab]  # (B, k * Vb) -> (B, V)
-
-
 def next_token_logits_function(model: GPT, batch_size: int) -> Callable[[torch.Tensor], torch.Tensor]:
     """hidden (B, D) -> logits (B, V): the LM head, in the fastest form for decoding on this device.
 
     Each decoding step multiplies a few hidden vectors by the whole (V, D) head, so it is
     bound by how fast the weights stream from memory. With torch's CPU build the plain
     `hidden @ W.T` streams them at well under half the speed of other equivalent forms
-    (measured in BENCHMARKS.md with `python -m benchmarks.decode_head`). For one row, a
-    matrix-vector product runs on one core, so the head is kept as one contiguous (D, V / k)
-    column block per thread (`GPT.lm_head_column_blocks`: one more head in memory, kept
-    between calls) and multiplied in one batched product that uses every thread. For
-    several rows, `(W @ hidden.T).T`. The results equal the plain product up to float
-    rounding (summation order). On GPUs the plain product is already fast.
+    (measured in BENCHMARKS.md with `python -m benchmarks.decode_head`). For one row, our
+    `Linear` already takes the fastest form (`gpt.model.row_blocked_product`); for several,
+    `(W @ hidden.T).T`. The results equal the plain product up to float rounding
+    (summation order). On GPUs the plain product is already fast.
     """
     weight = model.lm_head.weight  # (V, D)
-    if weight.device.type != "cpu":
+    if weight.device.type != "cpu" or batch_size == 1:
         return model.lm_head
-    if batch_size == 1:
-        blocks = model.lm_head_column_blocks(torch.get_num_threads())  # (k, D, V / k)
-        return lambda hidden: blocked_head_product(hidden, blocks, weight.shape[0])
     return lambda hidden: (weight.to(hidden.dtype) @ hidden.T).T
 
 

@@ -13,7 +13,7 @@ The life of an adapter:
     names = apply_lora(model, rank=8, alpha=16.0, targets=("q_proj", "v_proj"))
     model.classifier_head.requires_grad_(True)     # anything else to train, unfrozen after apply_lora
     ... train ...
-    merge_lora(model)                              # W += (alpha / r) * B A; plain nn.Linear layers again
+    merge_lora(model)                              # W += (alpha / r) * B A; the original linear layers again
 
 While adapters are in place, a wrapped layer's frozen weight is reachable as
 `<layer>.base.weight` (state_dict key e.g. `blocks.0.attn.q_proj.base.weight`) and
@@ -125,7 +125,7 @@ def apply_lora(
 
 @torch.no_grad()
 def merge_lora(model: nn.Module) -> None:
-    """Fold every adapter into its base weight (W += (alpha / r) * B A) and put the plain nn.Linear back.
+    """Fold every adapter into its base weight (W += (alpha / r) * B A) and put the original linear layer back.
 
     The model's state_dict then has its original keys again. Each layer's
     requires_grad flags stay as they were (frozen, after apply_lora).

@@ -101,6 +101,7 @@ def test_training_changes_only_adapters_and_what_the_test_unfroze():
 def test_merge_equals_unmerged_and_restores_state_dict_keys(style):
     model = tiny_model(**style)
     original_keys = list(model.state_dict())
+    original_q_proj = model.blocks[0].attn.q_proj
     targets = ("q_proj", "v_proj", "down_proj", "gate_proj") if style else ("q_proj", "v_proj", "down_proj")
     apply_lora(model, rank=4, alpha=8.0, targets=targets)
     assert "blocks.0.attn.q_proj.base.weight" in model.state_dict()
@@ -112,7 +113,7 @@ def test_merge_equals_unmerged_and_restores_state_dict_keys(style):
     merge_lora(model)
 
     assert list(model.state_dict()) == original_keys
-    assert type(model.blocks[0].attn.q_proj) is torch.nn.Linear
+    assert model.blocks[0].attn.q_proj is original_q_proj  # the layer itself is back, not a copy
     assert not any(isinstance(m, LoRALinear) for m in model.modules())
     assert torch.equal(model.blocks[1].attn.q_proj.weight, expected_q)
     torch.testing.assert_close(model(ids), unmerged, atol=1e-5, rtol=1e-5)

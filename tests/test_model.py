@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt.config import ModelConfig
-from gpt.model import GPT, apply_rope, linear_cross_entropy, rope_tables
+from gpt.model import GPT, Linear, apply_rope, linear_cross_entropy, rope_tables
 
 LLAMA_STYLE = dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", bias=False, tie_embeddings=False)
 
@@ -244,3 +244,19 @@ def test_linear_cross_entropy_backward_twice_is_an_error():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="only once"):
         loss.backward()
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_one_row_without_grad_equals_nn_linear(bias):
+    """A decoding step's one-row product takes the row-blocked path; it must equal F.linear, bias included."""
+    torch.manual_seed(0)
+    layer = Linear(32, 101, bias=bias)
+    x = torch.randn(1, 1, 32)
+    expected = F.linear(x, layer.weight, layer.bias)
+    with torch.no_grad():
+        out = layer(x)
+    assert out.shape == (1, 1, 101)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    out_with_grad = layer(x)  # autograd on: nn.Linear's own path, gradients flow
+    out_with_grad.sum().backward()
+    assert layer.weight.grad is not None
