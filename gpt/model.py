@@ -59,8 +59,9 @@ class Linear(nn.Linear):
     """`nn.Linear`, except that a single row on CPU without autograd (a decoding step) uses every thread.
 
     Batch-1 decoding multiplies one vector by each weight: `row_blocked_product` spreads
-    that over torch's threads (GPT-2 124M batch-1 generation 29.7 -> 45.2 tokens/s on a
-    2-core CPU). Everything else (training, prefill, batches) is plain `nn.Linear`.
+    that over torch's threads (GPT-2 124M batch-1 generation 27.7 -> 51.9 tokens/s on a
+    2-core CPU, BENCHMARKS.md). Everything else (training, prefill, batches, autocast) is
+    plain `nn.Linear`.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
