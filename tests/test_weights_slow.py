@@ -2,7 +2,8 @@
 
 Needs the file in the cache (`python -m gpt fetch smollm2-135m-instruct`); skipped
 without it. transformers dequantizes the GGUF to float32 itself and undoes the
-Q/K row permutation in its own code, so it is an independent reference.
+Q/K row permutation in its own code, so it is an independent reference (since transformers
+5, its GGUF loader needs `accelerate`, which the test extra installs).
 Run with `pytest -m slow tests/test_weights_slow.py`.
 """
 
