@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from gpt.model import row_blocked_product
+from gpt.linear import row_blocked_product
 
 
 def main() -> None:

@@ -13,7 +13,8 @@ The public API, in the order a model's life goes::
 
 from .config import ModelConfig, TrainConfig
 from .generate import generate
-from .model import GPT, KVCache
+from .cache import KVCache
+from .model import GPT
 from .optim import AdamW
 from .tokenizer import get_tokenizer
 from .weights import load_pretrained, save_pretrained

@@ -155,6 +155,8 @@ class ModelConfig(Section):
     dropout: float = field(default=0.0, metadata={"help": "dropout on embeddings, attention and residuals"})
     tie_embeddings: bool = field(default=True, metadata={"help": "LM head shares the token embedding matrix"})
     attn_impl: str = field(default="sdpa", metadata={"help": "manual (plain tensor code) | sdpa (fused kernel)"})
+    loss_impl: str = field(default="fused", metadata={
+        "help": "plain (cross-entropy of the full logits) | fused (chunked head + loss, no logits tensor)"})
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -177,6 +179,7 @@ class ModelConfig(Section):
         _check_choice("model", "pos_emb", self.pos_emb, ("learned", "rope"))
         _check_choice("model", "mlp", self.mlp, ("gelu", "swiglu"))
         _check_choice("model", "attn_impl", self.attn_impl, ("manual", "sdpa"))
+        _check_choice("model", "loss_impl", self.loss_impl, ("plain", "fused"))
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout: must be in [0, 1), got {self.dropout}")
         if self.norm_eps <= 0 or self.rope_theta <= 0:

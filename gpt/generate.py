@@ -49,7 +49,7 @@ def next_token_logits_function(model: GPT, batch_size: int) -> Callable[[torch.T
     bound by how fast the weights stream from memory. With torch's CPU build the plain
     `hidden @ W.T` streams them at well under half the speed of other equivalent forms
     (measured in BENCHMARKS.md with `python -m benchmarks.decode_head`). For one row, our
-    `Linear` already takes the fastest form (`gpt.model.row_blocked_product`); for several,
+    `Linear` already takes the fastest form (`gpt.linear.row_blocked_product`); for several,
     `(W @ hidden.T).T`. The results equal the plain product up to float rounding
     (summation order). On GPUs the plain product is already fast.
     """

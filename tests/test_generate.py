@@ -5,7 +5,7 @@ import torch
 
 from gpt.config import ModelConfig
 from gpt.generate import generate, sample_next_token
-from gpt.model import GPT, row_blocked_product
+from gpt.model import GPT
 
 
 @pytest.fixture(params=["gpt2", "llama"])
@@ -31,18 +31,6 @@ def test_cached_greedy_equals_argmax_of_full_forward(model):
     uncached = generate(model, torch.tensor(prompt), max_new_tokens=20, use_cache=False)
     assert cached.tolist() == expected
     assert uncached.tolist() == expected
-
-
-@pytest.mark.parametrize("blocks", [1, 2, 3, 4, 200])
-@pytest.mark.parametrize("rows", [1, 3])
-def test_row_blocked_product_equals_the_plain_product(blocks, rows):
-    """The head cut into row blocks (overlapping where 101 rows do not divide evenly) gives hidden @ W.T."""
-    generator = torch.Generator().manual_seed(0)
-    weight = torch.randn(101, 32, generator=generator)  # (V, D)
-    hidden = torch.randn(rows, 32, generator=generator)
-    logits = row_blocked_product(hidden, weight, blocks)
-    assert logits.shape == (rows, 101)
-    torch.testing.assert_close(logits, hidden @ weight.T, rtol=1e-5, atol=1e-5)
 
 
 def test_batch_of_uneven_prompts_equals_each_alone(model):

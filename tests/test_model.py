@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt.config import ModelConfig
-from gpt.model import GPT, Linear, apply_rope, linear_cross_entropy, rope_tables
+from gpt.model import GPT, apply_rope, rope_tables
 
 LLAMA_STYLE = dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", bias=False, tie_embeddings=False)
 
@@ -178,85 +178,3 @@ def test_rmsnorm_equals_torch_rms_norm():
         norm.weight.uniform_(0.5, 1.5)
     x = torch.randn(2, 5, 48) * 3
     torch.testing.assert_close(norm(x), F.rms_norm(x, (48,), norm.weight, eps=1e-5))
-
-
-@pytest.mark.parametrize("tie", [True, False])
-def test_fused_loss_equals_cross_entropy_of_logits_with_gradients(tie):
-    model = model_for(small_config(tie_embeddings=tie)).train()
-    ids, targets = torch.randint(0, 97, (3, 20)), torch.randint(0, 97, (3, 20))
-    targets[0, :7] = -100  # ignored positions (e.g. a masked prompt)
-    reference = F.cross_entropy(model(ids).flatten(0, 1), targets.flatten(), ignore_index=-100)
-    reference.backward()
-    expected = {name: p.grad.clone() for name, p in model.named_parameters()}
-    model.zero_grad()
-    fused = model(ids, targets=targets)
-    fused.backward()
-    torch.testing.assert_close(fused, reference, atol=1e-6, rtol=1e-6)
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, expected[name], atol=1e-6, rtol=1e-5, msg=name)
-
-
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_linear_cross_entropy_in_chunks_and_blocks_equals_cross_entropy(precision):
-    """Several matmul chunks and softmax blocks, both with a short last piece, and ignored rows."""
-    torch.manual_seed(0)
-    hidden = torch.randn(61, 24, requires_grad=True)
-    weight = torch.randn(97, 24, requires_grad=True)
-    targets = torch.randint(0, 97, (61,))
-    targets[::5] = -100
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
-    with autocast:
-        reference = F.cross_entropy((hidden @ weight.T).float(), targets, ignore_index=-100)
-    expected = torch.autograd.grad(reference, (hidden, weight))
-    with autocast:
-        fused = linear_cross_entropy(hidden, weight, targets, chunk_rows=16, block_rows=5)
-    got = torch.autograd.grad(fused, (hidden, weight))
-    tolerance = dict(atol=1e-6, rtol=1e-5) if precision == "fp32" else dict(atol=2e-3, rtol=2e-2)
-    torch.testing.assert_close(fused, reference, **tolerance)
-    for name, g, e in zip(("hidden", "weight"), got, expected):
-        torch.testing.assert_close(g, e, **tolerance, msg=name)
-
-
-def test_linear_cross_entropy_reuses_its_buffers_across_sizes_and_dtypes():
-    """The CPU workspace grows and shrinks with the call: results match a fresh reference every time."""
-    torch.manual_seed(1)
-    weight = torch.randn(53, 16, requires_grad=True)
-    for rows, precision in [(40, "fp32"), (7, "bf16"), (90, "bf16"), (3, "fp32"), (90, "fp32")]:
-        hidden = torch.randn(rows, 16, requires_grad=True)
-        targets = torch.randint(0, 53, (rows,))
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
-        with autocast:
-            reference = F.cross_entropy((hidden @ weight.T).float(), targets)
-            fused = linear_cross_entropy(hidden, weight, targets, chunk_rows=32, block_rows=6)
-        tolerance = dict(atol=1e-6, rtol=1e-5) if precision == "fp32" else dict(atol=2e-3, rtol=2e-2)
-        torch.testing.assert_close(fused, reference, **tolerance)
-        expected = torch.autograd.grad(reference, (hidden, weight))
-        got = torch.autograd.grad(fused, (hidden, weight))
-        for g, e in zip(got, expected):
-            torch.testing.assert_close(g, e, **tolerance)
-
-
-def test_linear_cross_entropy_backward_twice_is_an_error():
-    """Backward scales the kept gradients in place, so a second pass would silently double-scale them."""
-    hidden = torch.randn(5, 8, requires_grad=True)
-    weight = torch.randn(11, 8, requires_grad=True)
-    loss = linear_cross_entropy(hidden, weight, torch.randint(0, 11, (5,)))
-    loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="only once"):
-        loss.backward()
-
-
-@pytest.mark.parametrize("bias", [True, False])
-def test_linear_one_row_without_grad_equals_nn_linear(bias):
-    """A decoding step's one-row product takes the row-blocked path; it must equal F.linear, bias included."""
-    torch.manual_seed(0)
-    layer = Linear(32, 101, bias=bias)
-    x = torch.randn(1, 1, 32)
-    expected = F.linear(x, layer.weight, layer.bias)
-    with torch.no_grad():
-        out = layer(x)
-    assert out.shape == (1, 1, 101)
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-    out_with_grad = layer(x)  # autograd on: nn.Linear's own path, gradients flow
-    out_with_grad.sum().backward()
-    assert layer.weight.grad is not None
