@@ -1,19 +1,19 @@
 """Text classification with a GPT: the class head, what trains, predictions, and `python -m gpt classify`.
 
-A `GPTClassifier` is a GPT whose LM head is replaced by `Linear(d_model, num_classes)`.
+A `GPTClassifier` is a GPT body (no LM head) with a class head `Linear(d_model, num_classes)`.
 A batch of right-padded token ids and their lengths flows through it as:
 
     input_ids (B, T), lengths (B,)
       -> gpt.hidden_states: causal blocks + final_norm          (B, T, D)
       -> pool: the last real token's state (or the mean of the real tokens')   (B, D)
-      -> gpt.lm_head, now Linear(D, num_classes)               (B, num_classes) logits
+      -> head: Linear(D, num_classes)                          (B, num_classes) logits
 
 Right padding and causal attention keep predictions independent of padding: position
 i attends only to positions 0..i, so the states of a text's real tokens never see the
 padding after them, and pooling reads only those states.
 
-What trains (`set_trainable`): "head", "last:N" (the last N blocks, the final norm and
-the head), "all", or "lora" (low-rank adapters from `gpt.lora` plus the head).
+What trains is chosen by `gpt.finetune.set_trainable`: "head", "last:N" (the last N
+blocks, the final norm and the head), "all", or "lora" (adapters plus the head).
 
 A classifier checkpoint is an ordinary gpt checkpoint (`gpt.checkpoint`) with a
 "classifier" entry: label names, pooling, max_length, the LoRA settings while adapters
@@ -31,7 +31,9 @@ import argparse
 import contextlib
 import json
 import sys
+import typing
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,14 +44,37 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .checkpoint import load_checkpoint, load_model_state, resolve_checkpoint_path
-from .config import ModelConfig
+from .config import ModelConfig, Section
 from .data import ClassificationDataset, iterate_classification_eval
 from .errors import ConfigError, UserError
-from .lora import apply_lora, count_parameters, merge_lora
+from .lora import apply_lora, merge_lora
 from .model import GPT
 from .tokenizer import Tokenizer, get_tokenizer
 
 POOLINGS = ("last", "mean")
+
+
+@dataclass
+class ClassifierConfig(Section):
+    """The class head and its input (the [classifier] section of finetune_classifier.py)."""
+
+    section_name: typing.ClassVar[str] = "classifier"
+
+    pooling: str = field(default="last",
+                         metadata={"help": "last (the last real token's state) | mean (of the real tokens')"})
+    max_length: int = field(default=0, metadata={"help": "texts are cut to this many tokens; 0 = the model's "
+                                                         "context length, at most 512"})
+
+    def __post_init__(self) -> None:
+        self._check_types()
+        if self.pooling not in POOLINGS:
+            raise ConfigError(f"classifier.pooling: must be one of {', '.join(POOLINGS)}; got {self.pooling!r}")
+        if self.max_length < 0:
+            raise ConfigError(f"classifier.max_length: must not be negative, got {self.max_length}")
+
+    def length_for(self, context_length: int) -> int:
+        """The longest text in tokens for a model with this context length."""
+        return self.max_length or min(context_length, 512)
 
 # ----------------------------------------------------------------------------
 # The model
@@ -68,10 +93,12 @@ def pool(hidden: torch.Tensor, lengths: torch.Tensor, pooling: str) -> torch.Ten
 
 
 class GPTClassifier(nn.Module):
-    """A GPT with its LM head replaced by a class head: `model(input_ids, lengths)` -> logits (B, num_classes).
+    """A GPT body with a class head: `model(input_ids, lengths)` -> logits (B, num_classes).
 
-    `max_length` is the longest input the classifier was trained on (texts are cut to it);
-    it sets the sequence length behind `flops_per_token`.
+    The GPT's LM head is dropped (`gpt.lm_head` is None: this model predicts classes, not
+    tokens); `head` is a new `Linear(d_model, num_classes)`. `max_length` is the longest
+    input the classifier was trained on (texts are cut to it); it sets the sequence length
+    behind `flops_per_token`.
     """
 
     def __init__(self, gpt: GPT, num_classes: int, pooling: str = "last", max_length: int | None = None) -> None:
@@ -88,10 +115,17 @@ class GPTClassifier(nn.Module):
         self.pooling = pooling
         self.max_length = max_length
         weight = gpt.tok_emb.weight
-        # A new head: untied from the token embedding, small random weights, zero bias (the GPT's own init).
-        gpt.lm_head = nn.Linear(gpt.config.d_model, num_classes, bias=True, device=weight.device, dtype=weight.dtype)
-        nn.init.normal_(gpt.lm_head.weight, mean=0.0, std=0.02)
-        nn.init.zeros_(gpt.lm_head.bias)
+        gpt.lm_head = None  # a tied head shared the embedding; an untied one would be dead weight
+        # Small random weights and a zero bias (the GPT's own init).
+        self.head = nn.Linear(gpt.config.d_model, num_classes, bias=True, device=weight.device, dtype=weight.dtype)
+        nn.init.normal_(self.head.weight, mean=0.0, std=0.02)
+        nn.init.zeros_(self.head.bias)
+
+    @staticmethod
+    def upgrade_state_dict(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Weights saved before the class head had its own name (`gpt.lm_head.*`), renamed to `head.*`."""
+        return {("head." + key.removeprefix("gpt.lm_head.") if key.startswith("gpt.lm_head.") else key): tensor
+                for key, tensor in weights.items()}
 
     @property
     def config(self) -> ModelConfig:
@@ -101,62 +135,12 @@ class GPTClassifier(nn.Module):
     def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Right-padded token ids (B, T) and real lengths (B,) -> class logits (B, num_classes)."""
         hidden = self.gpt.hidden_states(input_ids)  # (B, T, D), plain causal attention
-        return self.gpt.lm_head(pool(hidden, lengths, self.pooling))  # (B, num_classes)
+        return self.head(pool(hidden, lengths, self.pooling))  # (B, num_classes)
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
-        """Training FLOPs per token if everything trained (see `GPT.flops_per_token`), at `max_length` tokens."""
-        return self.gpt.flops_per_token(seq_len or self.max_length)
-
-
-# ----------------------------------------------------------------------------
-# What trains
-# ----------------------------------------------------------------------------
-
-
-def parse_trainable(spec: str) -> tuple[str, int]:
-    """"head" | "all" | "lora" -> (spec, 0); "last:N" -> ("last", N). Anything else raises ConfigError."""
-    if spec in ("head", "all", "lora"):
-        return spec, 0
-    kind, _, count = spec.partition(":")
-    if kind == "last" and count.isdigit() and int(count) >= 1:
-        return "last", int(count)
-    raise ConfigError(f"train.trainable: expected head, last:N (N >= 1), all or lora; got {spec!r}")
-
-
-def set_trainable(model: GPTClassifier, spec: str, lora: dict[str, Any] | None = None) -> str:
-    """Freeze everything but what `spec` trains; returns a short description of it.
-
-    "head": the class head. "last:N": the last N blocks, the final norm and the head.
-    "all": every parameter. "lora": adapters on `lora["targets"]` (rank, alpha,
-    dropout from `lora`) plus the head; the rest stays frozen. A model with fewer
-    than N blocks raises UserError.
-    """
-    kind, count = parse_trainable(spec)
-    n_layer = len(model.gpt.blocks)
-    if kind == "last" and count > n_layer:
-        raise UserError(f"train.trainable: {spec} asks for the last {count} blocks, but the model has {n_layer}")
-    if kind == "lora":
-        if lora is None:
-            raise UserError("train.trainable lora needs LoRA settings (rank, alpha, dropout, targets)")
-        wrapped = apply_lora(model.gpt, **lora)  # freezes everything else
-        model.gpt.lm_head.requires_grad_(True)
-        return f"LoRA adapters (rank {lora['rank']}) on {len(wrapped)} layers + head"
-    model.requires_grad_(kind == "all")
-    if kind == "all":
-        return "all parameters"
-    model.gpt.lm_head.requires_grad_(True)
-    if kind == "head":
-        return "head"
-    for block in model.gpt.blocks[n_layer - count:]:
-        block.requires_grad_(True)
-    model.gpt.final_norm.requires_grad_(True)
-    return f"last {count} block(s) + final norm + head"
-
-
-def describe_parameters(model: nn.Module) -> str:
-    """"trainable 1,234 of 5,678 parameters (21.73%)"."""
-    trainable, total = count_parameters(model)
-    return f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)"
+        """Training FLOPs per token if everything trained (see `GPT.flops_per_token`), at `max_length` tokens:
+        the body's (which has no LM head) plus the class head's."""
+        return self.gpt.flops_per_token(seq_len or self.max_length) + 6 * self.head.weight.numel()
 
 
 # ----------------------------------------------------------------------------
@@ -236,7 +220,7 @@ def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> tup
     if has_adapters:
         apply_lora(model.gpt, **info["lora"])
     model.to_empty(device=device)
-    load_model_state(model, state["model"], file)
+    load_model_state(model, GPTClassifier.upgrade_state_dict(state["model"]), file)
     gpt.reset_rope_tables(device)  # buffers derived from the config, not stored in the checkpoint
     if has_adapters:
         merge_lora(model.gpt)

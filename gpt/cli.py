@@ -17,11 +17,11 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .checkpoint import atomic_write
 from .errors import UserError
+from .evaluate import sliding_window_loss
 from .model import GPT
 from .tokenizer import Tokenizer
 from .train import pick_device
@@ -174,43 +174,6 @@ def chat_cli(argv: list[str]) -> int:
 # ----------------------------------------------------------------------------
 # evaluate: perplexity on a text file, or a batch of prompts -> responses
 # ----------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def sliding_window_loss(model: GPT, ids: list[int], window: int, stride: int, batch_size: int = 4) -> tuple[float, int]:
-    """Mean next-token loss over a long token list, scoring every token once with up to `window` tokens of context.
-
-    Window k covers ids[k*stride : k*stride + window]; it scores only the targets that earlier
-    windows did not, so each token after the first is predicted exactly once.
-    """
-    if len(ids) < 2:
-        raise UserError(f"the text has {len(ids)} token(s); at least 2 are needed to measure a loss")
-    device = model.tok_emb.weight.device
-    starts = list(range(0, max(len(ids) - window, 0) + stride, stride))
-    starts = [s for s in starts if s < len(ids) - 1]
-    total_loss, total_tokens, scored_until = 0.0, 0, 0  # scored_until: targets ids[1 .. scored_until] are done
-    progress = tqdm(total=len(ids) - 1, desc="evaluate", unit="tok", dynamic_ncols=True)
-    for first in range(0, len(starts), batch_size):
-        inputs, targets = [], []
-        for start in starts[first:first + batch_size]:
-            chunk = ids[start:start + window + 1]
-            target = chunk[1:]
-            already = max(0, scored_until - start)  # targets in this window that an earlier one scored
-            target = [-100] * already + target[already:]
-            scored_until = start + len(chunk) - 1
-            pad = window - (len(chunk) - 1)
-            inputs.append(chunk[:-1] + [0] * pad)
-            targets.append(target + [-100] * pad)
-        x = torch.tensor(inputs, device=device)
-        y = torch.tensor(targets, device=device)
-        logits = model(x)  # (B, window, V)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100, reduction="sum")
-        counted = int((y != -100).sum())
-        total_loss += loss.item()
-        total_tokens += counted
-        progress.update(counted)
-    progress.close()
-    return total_loss / total_tokens, total_tokens
 
 
 def read_prompts(path: Path) -> list[dict]:

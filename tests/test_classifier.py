@@ -18,26 +18,17 @@ import finetune_classifier
 from gpt.checkpoint import load_checkpoint, save_checkpoint
 from gpt.classifier import (
     GPTClassifier,
+    classifier_info,
     classify_cli,
     classify_texts,
+    decide,
     load_classifier,
-    parse_trainable,
     pool,
-    set_trainable,
 )
 from gpt.config import ModelConfig
-from gpt.data import (
-    ClassificationBatchLoader,
-    ClassificationDataset,
-    class_weights,
-    deduplicate_texts,
-    downsample_classes,
-    label_names,
-    read_labeled_texts,
-    stratified_split,
-)
+from gpt.data import ClassificationBatchLoader
 from gpt.errors import ConfigError, UserError
-from gpt.fetch import cached_path
+from gpt.finetune import parse_trainable, set_trainable
 from gpt.lora import count_parameters
 from gpt.model import GPT
 from gpt.tokenizer import get_tokenizer
@@ -83,17 +74,54 @@ def test_pooling_reads_only_real_tokens():
     torch.testing.assert_close(pool(hidden, lengths, "mean"), torch.stack([hidden[0, :2].mean(0), hidden[1].mean(0)]))
 
 
-def test_head_replaces_the_tied_lm_head():
+def test_the_class_head_is_its_own_and_the_lm_head_is_gone():
     model = tiny_classifier(num_classes=2)
-    assert model.gpt.lm_head.weight.shape == (2, 32)
-    assert model.gpt.lm_head.weight.data_ptr() != model.gpt.tok_emb.weight.data_ptr()
-    assert model.config is model.gpt.config
+    assert model.head.weight.shape == (2, 32) and model.head.bias.shape == (2,)
+    assert model.gpt.lm_head is None
+    assert model.gpt.tok_emb.weight.shape == (VOCAB, 32)  # the tied embedding keeps its vocabulary rows
+    keys = set(model.state_dict())
+    assert {"head.weight", "head.bias"} <= keys and not any(key.startswith("gpt.lm_head") for key in keys)
+    ids = torch.randint(0, VOCAB, (2, 7))
+    with torch.no_grad():
+        pooled = pool(model.gpt.hidden_states(ids), torch.tensor([7, 4]), "last")
+        torch.testing.assert_close(model(ids, torch.tensor([7, 4])), pooled @ model.head.weight.T + model.head.bias)
+
+
+def test_a_checkpoint_from_before_the_own_head_still_loads(tmp_path):
+    """Classifier checkpoints once stored the class head as gpt.lm_head.*; they load into `head`."""
+    model = tiny_classifier(num_classes=2)
+    old_keys = {("gpt.lm_head." + key.removeprefix("head.") if key.startswith("head.") else key): tensor
+                for key, tensor in model.state_dict().items()}
+
+    class OldLayout(torch.nn.Module):  # what save_checkpoint needs: a config and a state_dict
+        config = model.config
+
+        def state_dict(self):
+            return old_keys
+
+    save_checkpoint(tmp_path / "old.pt", OldLayout(), tokenizer="gpt2",
+                    classifier=classifier_info(["ham", "spam"], "last", 48, 0))
+    loaded, info, _ = load_classifier(tmp_path / "old.pt")
+    ids, lengths = torch.randint(0, VOCAB, (3, 9)), torch.tensor([9, 3, 5])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids, lengths), model(ids, lengths))
+    assert info["labels"] == ["ham", "spam"]
+
+
+def test_decide_takes_the_most_likely_class_or_the_threshold_inclusively():
+    probabilities = np.array([[0.5, 0.5], [0.75, 0.25], [0.2, 0.8], [0.9, 0.1]])
+    assert decide(probabilities).tolist() == [0, 0, 1, 0]  # a tie goes to the first class (argmax)
+    # Class 1 when its probability is at least the threshold: 0.25 itself counts.
+    assert decide(probabilities, threshold=0.25).tolist() == [1, 1, 1, 0]
+    assert decide(probabilities, threshold=0.8).tolist() == [0, 0, 1, 0]
+    three = np.array([[0.2, 0.3, 0.5]])
+    assert decide(three, threshold=0.1).tolist() == [2]  # a threshold applies to two classes only
 
 
 def test_what_trains_and_the_counts():
     def counts(spec: str, **lora) -> int:
         model = tiny_classifier(num_classes=2, **LLAMA_STYLE)
-        set_trainable(model, spec, lora or None)
+        set_trainable(model.gpt, spec, lora or None, head=model.head)
         return count_parameters(model)[0]
 
     model = tiny_classifier(num_classes=2, **LLAMA_STYLE)
@@ -111,14 +139,15 @@ def test_what_trains_and_the_counts():
 
 def test_last_n_beyond_the_depth_and_bad_specs():
     with pytest.raises(UserError, match=r"last:3 asks for the last 3 blocks, but the model has 2"):
-        set_trainable(tiny_classifier(), "last:3")
+        model = tiny_classifier()
+        set_trainable(model.gpt, "last:3", head=model.head)
     for spec in ("last", "last:0", "last:x", "everything", "head:1"):
         with pytest.raises(ConfigError, match="train.trainable"):
             parse_trainable(spec)
 
 
 # ----------------------------------------------------------------------------
-# Classification data
+# The script and the classify verb, on a tiny model and a synthetic data set
 # ----------------------------------------------------------------------------
 
 
@@ -126,147 +155,6 @@ def write(path: Path, text: str) -> Path:
     path.write_text(text, encoding="utf-8")
     return path
 
-
-def test_tsv_without_header_is_label_then_text(tmp_path):
-    path = write(tmp_path / "d.tsv", 'ham\tsee you "soon"\n\nspam\tWIN now\r\nham\t  padded text  \n')
-    examples = read_labeled_texts(path)
-    assert [(e.text, e.label) for e in examples] == [('see you "soon"', "ham"), ("WIN now", "spam"),
-                                                     ("padded text", "ham")]
-    assert examples[1].source == f"{path}, line 3"
-
-
-def test_csv_with_header_quoting_and_chosen_columns(tmp_path):
-    path = write(tmp_path / "d.csv", 'id,body,category\n1,"hello, world",a\n2,"two\nlines",b\n3,plain,a\n')
-    examples = read_labeled_texts(path, text_column="body", label_column="category")
-    assert [(e.text, e.label) for e in examples] == [("hello, world", "a"), ("two\nlines", "b"), ("plain", "a")]
-    assert examples[2].source == f"{path}, line 5"  # a quoted cell spanned lines 3-4
-    by_index = read_labeled_texts(path, text_column="1", label_column="2", header="true")
-    assert by_index == examples
-
-
-def test_header_auto_detected_from_text_and_label_names(tmp_path):
-    path = write(tmp_path / "d.tsv", "text\tlabel\nhi\tx\nyo\ty\n")
-    assert [(e.text, e.label) for e in read_labeled_texts(path)] == [("hi", "x"), ("yo", "y")]
-
-
-def test_jsonl_with_integer_labels_sorted_by_value(tmp_path):
-    lines = [{"text": text, "label": label} for text, label in (("a", 10), ("b", 2), ("c", "2"), ("d", 0))]
-    path = write(tmp_path / "d.jsonl", "\n".join(json.dumps(r) for r in lines) + "\n")
-    examples = read_labeled_texts(path)
-    assert [e.label for e in examples] == ["10", "2", "2", "0"]
-    assert label_names(e.label for e in examples) == ["0", "2", "10"]
-    assert label_names(["spam", "ham", "spam"]) == ["ham", "spam"]
-
-
-@pytest.mark.parametrize("name, content, options, message", [
-    ("d.tsv", "ham\tok\nspam\tfine\nham\n", {}, r"d\.tsv, line 3: 1 tab-separated columns, but line 1 has 2"),
-    ("d.tsv", "ham\tok\nspam\ttoo\tmany\n", {}, r"d\.tsv, line 2: 3 tab-separated columns"),
-    ("d.jsonl", '{"text": "a", "label": "x"}\n{"text": "b", "label": \n', {},
-     r"d\.jsonl, line 2, column \d+: not valid JSON"),
-    ("d.jsonl", '{"body": "a", "label": "x"}\n', {}, r"d\.jsonl, line 1: no 'text' field"),
-    ("d.jsonl", '{"text": "a", "label": 1.5}\n', {}, r"line 1: 'label' must be a string or an integer, got 1.5"),
-    ("d.csv", "text,label\nhi,x\n", {"text_column": "body"}, r"no column named 'body' in the header"),
-    ("d.tsv", "ham\thi\n", {"text_column": "body"}, r"no column named 'body' in the header \(line 1: 'ham', 'hi'\)"),
-    ("d.tsv", "ham\thi\n", {"text_column": "body", "header": "false"},
-     r"'body' names a column, but the file has no header"),
-    ("d.tsv", "ham\thi\n", {"text_column": "5"}, r"data.text_column 5 does not exist: line 1 has 2"),
-    ("d.tsv", "ham\thi\nspam\t   \n", {}, r"d\.tsv, line 2: empty text"),
-    ("d.tsv", "ham\thi\n\tthere\n", {}, r"d\.tsv, line 2: empty label"),
-    ("d.csv", 'text,label\n"open quote,x\n', {}, r"d\.csv, line 2: malformed CSV"),
-    ("d.txt", "ham\thi\n", {}, r"cannot tell the format"),
-    ("d.tsv", "\n\n", {}, r"no examples"),
-])
-def test_bad_data_names_file_and_line(tmp_path, name, content, options, message):
-    with pytest.raises(UserError, match=message):
-        read_labeled_texts(write(tmp_path / name, content), **options)
-
-
-def test_not_utf8_names_the_line(tmp_path):
-    path = tmp_path / "d.tsv"
-    path.write_bytes(b"ham\tok\nspam\tbad \xff byte\n")
-    with pytest.raises(UserError, match=r"d\.tsv, line 2: not UTF-8"):
-        read_labeled_texts(path)
-
-
-def test_single_class_is_an_error():
-    with pytest.raises(UserError, match=r"every example has the label 'ham'; a classifier needs at least two"):
-        label_names(["ham", "ham"], "d.tsv")
-
-
-def test_deduplicate_keeps_the_first_copy():
-    examples = read_labeled_texts_from([("a", "x"), ("b", "y"), ("a", "x"), ("a", "y"), ("c", "x")])
-    kept, stats = deduplicate_texts(examples)
-    assert [e.text for e in kept] == ["a", "b", "c"]
-    assert (stats.read, stats.duplicates, stats.conflicting_labels) == (5, 2, 1)
-
-
-def read_labeled_texts_from(pairs):
-    from gpt.data import LabeledText
-
-    return [LabeledText(text, label, f"line {i}") for i, (text, label) in enumerate(pairs, start=1)]
-
-
-def test_stratified_split_is_disjoint_stratified_and_seeded():
-    labels = np.array([0] * 90 + [1] * 10 + [2] * 1)
-    train, val, test = stratified_split(labels, 0.1, 0.2, seed=5)
-    assert sorted(np.concatenate([train, val, test]).tolist()) == list(range(101))
-    assert [int((labels[test] == c).sum()) for c in range(3)] == [18, 2, 0]
-    assert [int((labels[val] == c).sum()) for c in range(3)] == [9, 1, 0]
-    assert (labels[train] == 2).sum() == 1  # a class too small to split stays in training
-    again = stratified_split(labels, 0.1, 0.2, seed=5)
-    other = stratified_split(labels, 0.1, 0.2, seed=6)
-    assert all(np.array_equal(a, b) for a, b in zip((train, val, test), again))
-    assert not np.array_equal(test, other[2])
-
-
-def test_downsampling_and_class_weights():
-    labels = np.array([0] * 6 + [1] * 2)
-    kept = downsample_classes(labels, seed=0)
-    assert np.bincount(labels[kept]).tolist() == [2, 2]
-    weights = class_weights(labels, 3)
-    torch.testing.assert_close(weights, torch.tensor([8 / (3 * 6), 8 / (3 * 2), 0.0]))
-
-
-def test_dataset_cuts_and_batches_trim_padding():
-    dataset = ClassificationDataset([[1, 2, 3, 4, 5], [6], [7, 8]], [0, 1, 0], max_length=4, pad_id=9)
-    assert dataset.num_truncated == 1
-    assert dataset.ids.tolist() == [[1, 2, 3, 4], [6, 9, 9, 9], [7, 8, 9, 9]]
-    loader = ClassificationBatchLoader(dataset, 2, shuffle=False)
-    ids, lengths, labels = loader.next_batch()
-    assert ids.tolist() == [[1, 2, 3, 4], [6, 9, 9, 9]] and lengths.tolist() == [4, 1] and labels.tolist() == [0, 1]
-    ids, lengths, _ = ClassificationBatchLoader(dataset, 1, shuffle=False, seed=0).next_batch()
-    assert ids.shape == (1, 4)
-
-
-def test_group_by_length_batches_similar_lengths_and_resumes():
-    rng = random.Random(0)
-    token_ids = [[1] * rng.randint(1, 60) for _ in range(400)]
-    dataset = ClassificationDataset(token_ids, [0] * 400, max_length=64)
-    plain = ClassificationBatchLoader(dataset, 8, seed=1)
-    grouped = ClassificationBatchLoader(dataset, 8, seed=1, group_by_length=True)
-    def spread(lengths: torch.Tensor) -> int:
-        return int(lengths.max() - lengths.min())
-
-    grouped_batches = [grouped.next_batch() for _ in range(50)]
-    assert max(spread(lengths) for _, lengths, _ in grouped_batches) <= 3
-    assert np.mean([spread(plain.next_batch()[1]) for _ in range(50)]) > 30
-    shortest = [int(lengths.min()) for _, lengths, _ in grouped_batches]
-    assert shortest != sorted(shortest)  # the batches themselves come in random order
-    assert sum(int(b[1].numel()) for b in grouped_batches) == 400  # one epoch: every text once
-    assert sorted(torch.cat([b[1] for b in grouped_batches]).tolist()) == sorted(len(t) for t in token_ids)
-
-    first = ClassificationBatchLoader(dataset, 8, seed=1, group_by_length=True)
-    for _ in range(57):
-        first.next_batch()
-    second = ClassificationBatchLoader(dataset, 8, seed=1, group_by_length=True)
-    second.load_state_dict(first.state_dict())
-    for _ in range(60):
-        assert all(torch.equal(a, b) for a, b in zip(first.next_batch(), second.next_batch()))
-
-
-# ----------------------------------------------------------------------------
-# The script and the classify verb, on a tiny model and a synthetic data set
-# ----------------------------------------------------------------------------
 
 TINY_RUN = [
     "--model.n_layer", "1", "--model.d_model", "32", "--model.n_head", "2", "--model.context_length", "32",
@@ -463,18 +351,11 @@ def test_command_line_errors_have_no_traceback(tmp_path):
 
 
 # ----------------------------------------------------------------------------
-# A real pretrained model (slow: loads SmolLM2-135M; skipped unless already fetched, so no test downloads)
+# A real pretrained model (slow: loads SmolLM2-135M, which must be fetched first; no test downloads)
 # ----------------------------------------------------------------------------
 
-needs_smollm2 = pytest.mark.skipif(
-    not cached_path("smollm2-135m-instruct").is_file(),
-    reason="SmolLM2-135M is not cached; run: python -m gpt fetch smollm2-135m-instruct",
-)
-
-
 @pytest.mark.slow
-@needs_smollm2
-def test_smollm2_prediction_does_not_depend_on_padding():
+def test_smollm2_prediction_does_not_depend_on_padding(smollm2_gguf):
     from gpt.weights import load_pretrained
 
     tokenizer = get_tokenizer("smollm2-135m-instruct")
@@ -491,8 +372,7 @@ def test_smollm2_prediction_does_not_depend_on_padding():
 
 
 @pytest.mark.slow
-@needs_smollm2
-def test_smollm2_lora_run_on_a_slice_of_sms(tmp_path):
+def test_smollm2_lora_run_on_a_slice_of_sms(tmp_path, smollm2_gguf):
     lines = (REPO / "data" / "sms_spam_collection.tsv").read_text(encoding="utf-8").splitlines(keepends=True)
     data = write(tmp_path / "sms.tsv", "".join(lines[:300]))
     args = ["--model", "smollm2-135m-instruct", "--data.path", str(data), "--train.out_dir", str(tmp_path / "run"),

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt.checkpoint import save_checkpoint
-from gpt.cli import sliding_window_loss
+from gpt.evaluate import sliding_window_loss
 from gpt.config import ModelConfig
 from gpt.errors import UserError
 from gpt.model import GPT

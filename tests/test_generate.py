@@ -64,6 +64,25 @@ def test_top_k_one_is_greedy_and_sampling_is_seeded():
     assert torch.equal(a, b)
 
 
+def test_temperature_divides_the_logits():
+    """Sampled frequencies follow softmax(logits / T): 20,000 draws, within 0.015 of each probability."""
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0])
+    for temperature in (0.5, 2.0):
+        draws = sample_next_token(logits.expand(20_000, 4), temperature, generator=torch.Generator().manual_seed(0))
+        frequencies = torch.bincount(draws, minlength=4).float() / len(draws)
+        expected = torch.exp(logits / temperature) / torch.exp(logits / temperature).sum()
+        torch.testing.assert_close(frequencies, expected, atol=0.015, rtol=0)
+
+
+def test_top_p_stops_at_the_token_whose_mass_reaches_p():
+    """Two equally likely tokens (0.5 each): the first alone reaches top_p = 0.5, so the other is never drawn."""
+    logits = torch.zeros(2000, 2)
+    draws = sample_next_token(logits, 1.0, top_p=0.5, generator=torch.Generator().manual_seed(0))
+    assert len(set(draws.tolist())) == 1
+    both = sample_next_token(logits, 1.0, top_p=0.51, generator=torch.Generator().manual_seed(0))
+    assert set(both.tolist()) == {0, 1}
+
+
 def test_top_p_keeps_the_smallest_set_reaching_p():
     # probabilities 0.5, 0.3, 0.15, 0.05: top_p=0.7 keeps the first two only
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))

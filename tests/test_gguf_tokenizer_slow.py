@@ -14,12 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from gpt.fetch import cached_path
 from gpt.tokenizer import get_tokenizer
 
 pytestmark = pytest.mark.slow
 
-GGUF = cached_path("smollm2-135m-instruct")
 REPO = Path(__file__).resolve().parents[1]
 
 TEXTS = [
@@ -32,18 +30,16 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def ours():
-    if not GGUF.is_file():
-        pytest.skip(f"{GGUF} is not cached; run: python -m gpt fetch smollm2-135m-instruct")
-    return get_tokenizer(str(GGUF))
+def ours(smollm2_gguf):
+    return get_tokenizer(str(smollm2_gguf))
 
 
 @pytest.fixture(scope="module")
-def reference(ours):
+def reference(ours, smollm2_gguf):
     from tokenizers import pre_tokenizers
     from transformers import AutoTokenizer
 
-    hf = AutoTokenizer.from_pretrained(str(GGUF.parent), gguf_file=GGUF.name)
+    hf = AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
     hf.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
     )

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from gpt.errors import UserError
-from gpt.fetch import cached_path
 from gpt.prompts import (
     TEMPLATES,
     chat_prompt,
@@ -21,7 +20,6 @@ from gpt.prompts import (
 from gpt.tokenizer import get_tokenizer
 
 DATA_PATH = Path(__file__).resolve().parents[1] / "data" / "instructions.json"
-GGUF = cached_path("smollm2-135m-instruct")
 CHATML_JINJA = (
     "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
@@ -52,10 +50,9 @@ class FakeTokenizer:
 
 
 @pytest.fixture(scope="module")
-def smollm2():
-    if not GGUF.is_file():
-        pytest.skip(f"{GGUF} is not cached; run: python -m gpt fetch smollm2-135m-instruct")
-    return get_tokenizer(str(GGUF))
+def smollm2(smollm2_gguf):
+    """SmolLM2's tokenizer (slow tests only: the model must be fetched)."""
+    return get_tokenizer(str(smollm2_gguf))
 
 
 def test_alpaca_layout_with_and_without_input():
@@ -159,6 +156,7 @@ def test_unknown_template_and_bad_records():
         format_prompt({"messages": [{"role": "user", "content": "x"}, {"role": "bot", "content": "y"}]}, "chatml")
 
 
+@pytest.mark.slow
 def test_model_template_on_smollm2_equals_chat_prompt(smollm2):
     user_message = [{"role": "user", "content": "Sort these words.\n\npear, fig"}]
     prompt, full = format_example(WITH_INPUT, "model", smollm2)
@@ -178,6 +176,7 @@ def _token_prefix_failures(records, template, tokenizer):
     return failures
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("template", ["chatml", "model", "alpaca", "phi3"])
 def test_prompt_tokens_are_a_prefix_of_full_tokens_smollm2(smollm2, template):
     records = read_instruction_records(DATA_PATH)
@@ -190,6 +189,7 @@ def test_prompt_tokens_are_a_prefix_of_full_tokens_gpt2(template):
     assert _token_prefix_failures(records, template, get_tokenizer("gpt2")) == []
 
 
+@pytest.mark.slow
 def test_token_prefix_can_break_when_the_response_starts_with_whitespace(smollm2):
     # Every prompt ends in "\n". A response that starts with a word, a digit, or one space or newline
     # before a word keeps the prompt's tokens a prefix. Whitespace that the pre-tokenizer joins to

@@ -1,7 +1,7 @@
 """The real SmolLM2-135M-Instruct (Q4_1 GGUF) against transformers' own GGUF loader.
 
-Needs the file in the cache (`python -m gpt fetch smollm2-135m-instruct`); skipped
-without it. transformers dequantizes the GGUF to float32 itself and undoes the
+Needs the file in the cache (`python -m gpt fetch smollm2-135m-instruct`); fails
+without it (tests/conftest.py). transformers dequantizes the GGUF to float32 itself and undoes the
 Q/K row permutation in its own code, so it is an independent reference (since transformers
 5, its GGUF loader needs `accelerate`, which the test extra installs).
 Run with `pytest -m slow tests/test_weights_slow.py`.
@@ -17,21 +17,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 
 from gpt.config import ModelConfig
-from gpt.fetch import cached_path
 from gpt.generate import generate
 from gpt.tokenizer import get_tokenizer
 from gpt.weights import convert_cli, load_pretrained
 
-transformers = pytest.importorskip("transformers")
-pytest.importorskip("gguf")
-
-GGUF_PATH = cached_path("smollm2-135m-instruct")
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not GGUF_PATH.is_file(), reason=f"no {GGUF_PATH}: python -m gpt fetch smollm2-135m-instruct"),
-]
+pytestmark = pytest.mark.slow
 
 PROMPTS = [
     "The capital of France is",
@@ -46,26 +39,26 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def ours():
+def ours(smollm2_gguf):
     start = time.perf_counter()
-    model = load_pretrained(GGUF_PATH)
+    model = load_pretrained(smollm2_gguf)
     print(f"\ngpt.load_pretrained: {time.perf_counter() - start:.1f} s")
     return model
 
 
 @pytest.fixture(scope="module")
-def reference():
+def reference(smollm2_gguf):
     start = time.perf_counter()
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        GGUF_PATH.parent, gguf_file=GGUF_PATH.name, attn_implementation="eager", dtype=torch.float32
+        smollm2_gguf.parent, gguf_file=smollm2_gguf.name, attn_implementation="eager", dtype=torch.float32
     )
     print(f"\ntransformers from_pretrained(gguf_file=...): {time.perf_counter() - start:.1f} s")
     return model.eval()
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return get_tokenizer(str(GGUF_PATH))
+def tokenizer(smollm2_gguf):
+    return get_tokenizer(str(smollm2_gguf))
 
 
 def test_config_is_smollm2_135m(ours):
@@ -93,8 +86,8 @@ def test_greedy_continuation_matches(ours, reference, tokenizer):
     assert got == expected
 
 
-def test_convert_writes_a_folder_transformers_loads(ours, tokenizer, tmp_path):
-    assert convert_cli([str(GGUF_PATH), "--out", str(tmp_path)]) == 0
+def test_convert_writes_a_folder_transformers_loads(ours, tokenizer, tmp_path, smollm2_gguf):
+    assert convert_cli([str(smollm2_gguf), "--out", str(tmp_path)]) == 0
     exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
     ids = torch.tensor([tokenizer.encode(PROMPTS[3])])
     with torch.no_grad():
@@ -123,11 +116,11 @@ print(mib("VmHWM") - base, sum(p.numel() for p in model.parameters()) * 4 / 2**2
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
-def test_load_peak_memory_stays_near_one_copy():
+def test_load_peak_memory_stays_near_one_copy(smollm2_gguf):
     """Peak RSS above the after-import baseline: the float32 weights, the gguf reader's parsed metadata
     (about 160 MiB for 49k tokens and merges) and the mapped file's pages. Measured 865 MiB for 513 MiB of weights."""
     result = subprocess.run(
-        [sys.executable, "-c", PEAK_RSS_SCRIPT, str(GGUF_PATH)], capture_output=True, text=True, cwd=REPO_ROOT
+        [sys.executable, "-c", PEAK_RSS_SCRIPT, str(smollm2_gguf)], capture_output=True, text=True, cwd=REPO_ROOT
     )
     assert result.returncode == 0, result.stderr
     peak, weights = map(float, result.stdout.split())

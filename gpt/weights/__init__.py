@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from .convert import convert_cli
 from .hf import save_pretrained
-from .load import LoadedModel, load_model_and_tokenizer, load_pretrained, source_kind
+from .load import LoadedModel, is_preset_name, load_model_and_tokenizer, load_pretrained, source_kind
 
 __all__ = ["load_pretrained", "save_pretrained", "source_kind", "convert_cli", "load_model_and_tokenizer",
-           "LoadedModel"]
+           "LoadedModel", "is_preset_name"]

@@ -10,7 +10,9 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint_path
+from ..config import PRESETS, ModelConfig
 from ..errors import UserError
+from ..fetch import KNOWN_MODELS, resolve_model
 from ..model import GPT
 from ..tokenizer import Tokenizer, get_tokenizer
 from .gguf import is_gguf_file, load_gguf
@@ -38,9 +40,7 @@ def source_kind(path: str | os.PathLike[str]) -> tuple[str, Path]:
     A path that does not exist may be a known model name (`gpt.fetch`), fetched on first use.
     """
     path = Path(path).expanduser()
-    if not path.exists():
-        from ..fetch import resolve_model  # network access only for a known name that is not cached yet
-
+    if not path.exists():  # perhaps a known model name: fetched here (with a message) if not cached yet
         path = resolve_model(str(path))
     if path.is_dir():
         if (path / "checkpoints").is_dir():
@@ -71,13 +71,15 @@ class LoadedModel:
     description: str
 
 
+def is_preset_name(source: str) -> bool:
+    """Whether `source` names a preset (tiny, gpt2-124m, ...) rather than a known model or a path."""
+    return source in PRESETS and source not in KNOWN_MODELS and not Path(source).expanduser().exists()
+
+
 def load_model_and_tokenizer(source: str, *, seed: int = 0) -> LoadedModel:
     """`source` is a known model name, a GGUF file, a Hugging Face folder, our checkpoint or run folder,
     or a preset name (a random-init model with the GPT-2 tokenizer, e.g. to train from scratch)."""
-    from ..config import PRESETS, ModelConfig
-    from ..fetch import KNOWN_MODELS
-
-    if source in PRESETS and source not in KNOWN_MODELS and not Path(source).expanduser().exists():
+    if is_preset_name(source):
         torch.manual_seed(seed)
         model = GPT(ModelConfig.preset(source))
         return LoadedModel(model, get_tokenizer("gpt2"), "gpt2", f"{source} preset, random init")

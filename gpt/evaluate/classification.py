@@ -1,53 +1,20 @@
-"""Evaluation: next-token loss and perplexity, classification metrics (instruction metrics join later).
+"""Classification metrics: accuracy, precision/recall/F1 per class, macro F1, ROC AUC, a tuned threshold.
 
-Perplexity is exp(mean next-token cross-entropy), the mean taken over every
-predicted token, so batches of different sizes weigh by their tokens.
-
-Classification metrics take class indices 0 .. K-1 into a list of label names
-and compute everything from the confusion matrix, in plain numpy; a ratio
-whose denominator is zero counts as 0.0 (scikit-learn's `zero_division=0`).
+They take class indices 0 .. K-1 into a list of label names and compute everything from
+the confusion matrix, in plain numpy; a ratio whose denominator is zero counts as 0.0
+(scikit-learn's `zero_division=0`). tests/test_evaluate.py checks each against
+scikit-learn.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from .errors import UserError
-
-
-def next_token_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Mean cross-entropy of predicting `targets` (B, T) from `inputs` (B, T); target -100 is ignored."""
-    inputs, targets = batch
-    return model(inputs, targets=targets)  # the model's fused head + loss: no full logits tensor
-
-
-@torch.no_grad()
-def language_model_metrics(
-    model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device | str
-) -> dict[str, float]:
-    """Token-weighted mean loss and perplexity over `batches` of (inputs, targets)."""
-    total_loss, total_tokens = 0.0, 0
-    for inputs, targets in batches:
-        inputs, targets = inputs.to(device), targets.to(device)
-        logits = model(inputs)  # (B, T, V)
-        loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum")
-        total_loss += loss_sum.item()
-        total_tokens += int((targets != -100).sum())
-    if total_tokens == 0:
-        raise ValueError("no tokens to evaluate")
-    loss = total_loss / total_tokens
-    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": total_tokens}
-
-
-# ----------------------------------------------------------------------------
-# Classification metrics
-# ----------------------------------------------------------------------------
+from ..errors import UserError
 
 # Class indices or scores: a list, a 1-D numpy array or a 1-D tensor (any device).
 Values = Sequence[int] | Sequence[float] | np.ndarray | torch.Tensor

@@ -1,0 +1,80 @@
+"""Language-model evaluation: next-token loss and perplexity.
+
+Perplexity is exp(mean next-token cross-entropy), the mean taken over every predicted
+token, so batches of different sizes weigh by their tokens. Every function here goes
+through the model's own training loss (`model(inputs, targets=...)`), so evaluation
+never builds the (B, T, vocab) logits tensor that the fused loss avoids.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import UserError
+from ..model import GPT
+
+
+def next_token_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy of predicting `targets` (B, T) from `inputs` (B, T); target -100 is ignored."""
+    inputs, targets = batch
+    return model(inputs, targets=targets)  # the model's fused head + loss: no full logits tensor
+
+
+@torch.no_grad()
+def language_model_metrics(
+    model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device | str
+) -> dict[str, float]:
+    """Token-weighted mean loss and perplexity over `batches` of (inputs, targets).
+
+    Each batch goes through the model's own training loss (`model(inputs, targets=...)`),
+    so evaluation never builds the (B, T, vocab) logits that the fused loss avoids.
+    """
+    total_loss, total_tokens = 0.0, 0
+    for inputs, targets in batches:
+        inputs, targets = inputs.to(device), targets.to(device)
+        counted = int((targets != -100).sum())
+        total_loss += model(inputs, targets=targets).item() * counted  # mean over counted targets -> their sum
+        total_tokens += counted
+    if total_tokens == 0:
+        raise ValueError("no tokens to evaluate")
+    loss = total_loss / total_tokens
+    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": total_tokens}
+
+
+@torch.no_grad()
+def sliding_window_loss(model: GPT, ids: list[int], window: int, stride: int, batch_size: int = 4) -> tuple[float, int]:
+    """Mean next-token loss over a long token list, scoring every token once with up to `window` tokens of context.
+
+    Window k covers ids[k*stride : k*stride + window]; it scores only the targets that earlier
+    windows did not, so each token after the first is predicted exactly once.
+    """
+    if len(ids) < 2:
+        raise UserError(f"the text has {len(ids)} token(s); at least 2 are needed to measure a loss")
+    device = model.tok_emb.weight.device
+    starts = list(range(0, max(len(ids) - window, 0) + stride, stride))
+    starts = [s for s in starts if s < len(ids) - 1]
+    total_loss, total_tokens, scored_until = 0.0, 0, 0  # scored_until: targets ids[1 .. scored_until] are done
+    progress = tqdm(total=len(ids) - 1, desc="evaluate", unit="tok", dynamic_ncols=True)
+    for first in range(0, len(starts), batch_size):
+        inputs, targets = [], []
+        for start in starts[first:first + batch_size]:
+            chunk = ids[start:start + window + 1]
+            target = chunk[1:]
+            already = max(0, scored_until - start)  # targets in this window that an earlier one scored
+            target = [-100] * already + target[already:]
+            scored_until = start + len(chunk) - 1
+            pad = window - (len(chunk) - 1)
+            inputs.append(chunk[:-1] + [0] * pad)
+            targets.append(target + [-100] * pad)
+        x = torch.tensor(inputs, device=device)
+        y = torch.tensor(targets, device=device)
+        counted = int((y != -100).sum())
+        total_loss += model(x, targets=y).item() * counted  # the model's own loss: no (B, window, V) logits
+        total_tokens += counted
+        progress.update(counted)
+    progress.close()
+    return total_loss / total_tokens, total_tokens
