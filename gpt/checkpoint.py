@@ -9,62 +9,27 @@ loads with `torch.load(weights_only=True)` (no arbitrary code runs on load):
     tokenizer            tokenizer name ("gpt2") or path it was built from
     ... whatever the writer adds: optimizer, step, rng, data position, train config
 
-Writes go to a temporary file in the same folder, are fsynced, then renamed over
-the final name with `os.replace`, so a crash mid-write never leaves a truncated
-checkpoint under the real name: the previous one stays loadable.
+Writes are atomic (`gpt.files.atomic_write`: a temporary file in the same folder,
+fsynced, then renamed over the final name), so a crash mid-write never leaves a
+truncated checkpoint under the real name: the previous one stays loadable.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
 import pickle
-import tempfile
 import zipfile
 from pathlib import Path
-from collections.abc import Callable, Iterator
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 
 from .config import ModelConfig
 from .errors import ConfigError, UserError
+from .files import atomic_write
 from .model import GPT
 
 FORMAT = "gpt-checkpoint"
 VERSION = 1
-
-
-@contextlib.contextmanager
-def atomic_target(path: str | Path) -> Iterator[Path]:
-    """A temporary path beside `path` to write to; when the block succeeds, the file is fsynced and
-    renamed to `path` (a crash leaves the old file, never a truncated one); when it fails, it is removed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp_name, 0o666 & ~umask)  # the permissions a plainly created file would get, not mkstemp's 0600
-    try:
-        yield Path(tmp_name)
-        with open(tmp_name, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
-
-
-def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
-    """Call `write(file_object)` on a temporary file beside `path`, then put it in place atomically."""
-    with atomic_target(path) as tmp, open(tmp, "wb") as f:
-        write(f)
 
 
 def save_checkpoint(path: str | Path, model: GPT, tokenizer: str = "gpt2", **extra: Any) -> None:

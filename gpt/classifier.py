@@ -47,6 +47,7 @@ from .checkpoint import load_checkpoint, load_model_state, resolve_checkpoint_pa
 from .config import ModelConfig, Section
 from .data import ClassificationDataset, iterate_classification_eval
 from .errors import ConfigError, UserError
+from .files import json_lines
 from .lora import apply_lora, merge_lora
 from .model import GPT
 from .tokenizer import Tokenizer, get_tokenizer
@@ -238,19 +239,14 @@ def read_texts(path: Path) -> list[str]:
         content = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as err:
         raise UserError(f"{path}: cannot read texts ({err})") from None
-    texts = []
-    for number, line in enumerate(content.split("\n"), start=1):
-        if not line.strip():
-            continue
-        if path.suffix == ".jsonl":
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UserError(f"{path}, line {number}, column {err.colno}: not valid JSON ({err.msg})") from None
+    if path.suffix == ".jsonl":
+        texts = []
+        for number, record in json_lines(path, content):
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                 raise UserError(f'{path}, line {number}: expected an object with a string "text" field')
-            line = record["text"]
-        texts.append(line.strip())
+            texts.append(record["text"].strip())
+    else:
+        texts = [line.strip() for line in content.split("\n") if line.strip()]
     if not texts:
         raise UserError(f"{path}: no texts in the file")
     return texts
@@ -296,7 +292,7 @@ def parse_threshold(text: str | None, info: dict[str, Any]) -> float | None:
 
 def classify_cli(argv: list[str]) -> int:
     """`python -m gpt classify --checkpoint RUN TEXT... | --file FILE`: labels with probabilities."""
-    from .train import pick_device
+    from .runtime import pick_device
 
     parser = argparse.ArgumentParser(
         prog="python -m gpt classify",

@@ -19,12 +19,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import atomic_write
 from .errors import UserError
+from .files import json_lines, write_text
 from .evaluate import sliding_window_loss
 from .model import GPT
+from .runtime import pick_device
 from .tokenizer import Tokenizer
-from .train import pick_device
 
 # ----------------------------------------------------------------------------
 # Loading a model and its tokenizer
@@ -178,8 +178,6 @@ def chat_cli(argv: list[str]) -> int:
 
 def read_prompts(path: Path) -> list[dict]:
     """JSONL records with `prompt` (plain text) or `messages` (a chat); a bad line names the file and line."""
-    from .prompts import json_lines
-
     records = []
     try:
         text = path.read_text(encoding="utf-8")
@@ -248,6 +246,6 @@ def evaluate_cli(argv: list[str]) -> int:
             for record, prompt, output in zip(records[first:], batch, outputs):
                 reply = [t for t in output[len(prompt):] if t != tokenizer.eot_id]
                 lines.append(json.dumps({**record, "response": tokenizer.decode(reply)}, ensure_ascii=False) + "\n")
-        atomic_write(args.out, lambda f: f.write("".join(lines).encode("utf-8")))
+        write_text(args.out, "".join(lines))
         print(f"wrote {len(records)} responses to {args.out}")
     return 0

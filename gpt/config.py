@@ -15,7 +15,6 @@ with a message naming the key, e.g. `model.n_head: d_model (768) must be divisib
 from __future__ import annotations
 
 import dataclasses
-import json
 import tomllib
 import types
 import typing
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .files import write_json
 
 # The linear layers of gpt.model that can take a LoRA adapter (gpt.lora checks the same names).
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "gate_proj", "up_proj", "down_proj")
@@ -399,4 +399,4 @@ def load_config(
 
 def save_config_json(config: dict[str, Section], path: str | Path) -> None:
     """Write the resolved config as JSON (the run folder's `config.json`)."""
-    Path(path).write_text(json.dumps({name: s.to_dict() for name, s in config.items()}, indent=2) + "\n")
+    write_json(path, {name: s.to_dict() for name, s in config.items()})

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .files import json_lines
 
 Message = dict[str, str]
 
@@ -254,22 +255,6 @@ def expected_response(record: dict[str, Any]) -> str:
     return parse_record(record).response
 
 
-def json_lines(path: Path, text: str) -> list[tuple[int, Any]]:
-    """(line number from 1, parsed value) for each non-blank line of a JSONL file's `text`.
-
-    A line that is not JSON raises UserError naming the file and the line.
-    """
-    parsed = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            parsed.append((number, json.loads(line)))
-        except json.JSONDecodeError as err:
-            raise UserError(f"{path}, line {number}: invalid JSON ({err.msg})") from None
-    return parsed
-
-
 def read_instruction_records(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """Records from a JSON file (a list of objects) or a JSONL file (one object a line).
 
@@ -287,7 +272,7 @@ def read_instruction_records(path: str | os.PathLike[str]) -> list[dict[str, Any
         try:
             records = json.loads(text)
         except json.JSONDecodeError as err:
-            raise UserError(f"{path}, line {err.lineno}: invalid JSON ({err.msg})") from None
+            raise UserError(f"{path}, line {err.lineno}, column {err.colno}: not valid JSON ({err.msg})") from None
         located = [(f"record {index}", record) for index, record in enumerate(records)]
     else:
         located = [(f"line {number}", record) for number, record in json_lines(path, text)]

@@ -41,7 +41,8 @@ from typing import Any, Literal
 import numpy as np
 import tiktoken
 
-from gpt.errors import UserError
+from .errors import UserError
+from .gguf_file import open_gguf, read_metadata
 
 # GPT-2's pre-tokenizer: contractions, a letter run or a digit run or a
 # punctuation run each with at most one leading space, then whitespace. A
@@ -251,42 +252,11 @@ def byte_alphabet() -> dict[str, int]:
     return {char: b for b, char in char_of_byte.items()}
 
 
-def _read_gguf_metadata(path: Path) -> dict[str, Any]:
-    """The `tokenizer.*` metadata of a GGUF file, as Python values."""
-    try:
-        import gguf
-    except ImportError as err:
-        raise UserError(f"reading {path} needs the gguf package: pip install 'gpt[gguf]'") from err
-    with open(path, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise UserError(f"{path} is not a GGUF file (it does not start with b'GGUF')")
-    try:
-        reader = gguf.GGUFReader(path)
-    except (ValueError, OSError) as err:
-        raise UserError(f"cannot read GGUF file {path}: {err}") from err
-
-    def value(field: Any, index: int) -> Any:
-        part = field.parts[index]
-        if field.types[-1] == gguf.GGUFValueType.STRING:
-            return bytes(part).decode("utf-8")
-        return part.tolist()[0]
-
-    metadata = {}
-    for key, field in reader.fields.items():
-        if not key.startswith("tokenizer."):
-            continue
-        if field.types[0] == gguf.GGUFValueType.ARRAY:
-            metadata[key] = [value(field, i) for i in field.data]
-        else:
-            metadata[key] = value(field, field.data[0])
-    return metadata
-
-
 @functools.lru_cache(maxsize=4)
 def _gguf_tokenizer(path_str: str, mtime_ns: int, size: int) -> Tokenizer:
     """Build the tokenizer of a GGUF file (cached on path, mtime and size)."""
     path = Path(path_str)
-    meta = _read_gguf_metadata(path)
+    meta = read_metadata(open_gguf(path), "tokenizer.")
 
     def require(key: str) -> Any:
         if key not in meta:

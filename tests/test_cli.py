@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,10 +12,10 @@ import torch
 import torch.nn.functional as F
 
 from gpt.checkpoint import save_checkpoint
-from gpt.evaluate import sliding_window_loss
 from gpt.config import ModelConfig
-from gpt.errors import UserError
+from gpt.evaluate import sliding_window_loss
 from gpt.model import GPT
+from gpt.tokenizer import get_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -72,7 +73,7 @@ def test_sliding_window_loss_equals_full_forward_when_the_text_fits(tiny_model):
     assert math.isclose(loss, expected, rel_tol=1e-5)
 
 
-def test_evaluate_text_and_prompts(checkpoint, tmp_path):
+def test_evaluate_text_and_prompts(checkpoint, tiny_model, tmp_path):
     text = tmp_path / "text.txt"
     text.write_text("It was a bright cold day in April, and the clocks were striking thirteen. " * 3)
     prompts = tmp_path / "prompts.jsonl"
@@ -82,7 +83,10 @@ def test_evaluate_text_and_prompts(checkpoint, tmp_path):
                     "--out", str(out), "--max-new-tokens", "5")
     assert done.returncode == 0, done.stderr
     metrics = json.loads(done.stdout.splitlines()[0])
-    assert metrics["tokens"] > 40 and math.isclose(metrics["perplexity"], math.exp(metrics["loss"]), rel_tol=1e-3)
+    ids = get_tokenizer("gpt2").encode(text.read_text())  # the tokenizer is tested against tiktoken elsewhere
+    assert metrics["tokens"] == len(ids) and (metrics["window"], metrics["stride"]) == (64, 32)
+    assert abs(metrics["loss"] - reference_loss(tiny_model, ids, 64, 32)) < 1e-4  # printed to 4 decimals
+    assert math.isclose(metrics["perplexity"], math.exp(metrics["loss"]), rel_tol=1e-3)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r.get("id") for r in rows] == [None, 7] and all(isinstance(r["response"], str) for r in rows)
 
@@ -91,13 +95,12 @@ def test_evaluate_bad_prompts_line_names_file_and_line(checkpoint, tmp_path):
     prompts = tmp_path / "bad.jsonl"
     prompts.write_text('{"prompt": "ok"}\n{"prompt": oops}\n')
     done = run_verb("evaluate", "--checkpoint", str(checkpoint), "--prompts", str(prompts))
-    assert done.returncode == 2 and "bad.jsonl, line 2: invalid JSON" in done.stderr
+    assert done.returncode == 2 and re.search(r"bad\.jsonl, line 2, column \d+: not valid JSON", done.stderr)
     assert "Traceback" not in done.stderr
 
 
 def test_generate_greedy_matches_library(checkpoint, tiny_model):
     from gpt.generate import generate
-    from gpt.tokenizer import get_tokenizer
 
     done = run_verb("generate", "--checkpoint", str(checkpoint), "--prompt", "Hello", "--temperature", "0",
                     "--max-new-tokens", "8")
@@ -107,10 +110,28 @@ def test_generate_greedy_matches_library(checkpoint, tiny_model):
     assert done.stdout.rstrip("\n") == expected
 
 
-def test_chat_keeps_the_conversation_and_exits_on_end_of_input(checkpoint):
+def greedy_reply(model: GPT, tokenizer, messages: list[dict], max_new_tokens: int) -> str:
+    """What the chat verb should answer: greedy tokens after the whole conversation, up to end-of-text."""
+    from gpt.generate import generate
+    from gpt.prompts import chat_prompt
+
+    prompt = tokenizer.encode(chat_prompt(messages, tokenizer), allowed_special="all")
+    new = generate(model, [prompt], max_new_tokens, eos_id=tokenizer.eot_id)[0][len(prompt):]
+    return tokenizer.decode([t for t in new if t != tokenizer.eot_id])
+
+
+def test_chat_keeps_the_conversation_and_exits_on_end_of_input(checkpoint, tiny_model):
     done = run_verb("chat", "--checkpoint", str(checkpoint), "--max-new-tokens", "4", stdin="hi\nand again\n")
     assert done.returncode == 0, done.stderr
-    assert done.stdout.count("bot> ") == 2
+    tokenizer, messages, expected = get_tokenizer("gpt2"), [], ""
+    for line in ("hi", "and again"):
+        messages.append({"role": "user", "content": line})
+        reply = greedy_reply(tiny_model, tokenizer, messages, 4)
+        messages.append({"role": "assistant", "content": reply})
+        expected += f"you> bot> {reply}\n"
+    assert done.stdout == expected + "you> \n"
+    # The second reply depends on the first turn: without it the model would answer otherwise.
+    assert greedy_reply(tiny_model, tokenizer, [{"role": "user", "content": "and again"}], 4) != reply
 
 
 def test_unknown_verb_and_missing_model_are_clear_errors(tmp_path):

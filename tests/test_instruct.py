@@ -4,49 +4,9 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 import finetune_instruct
-from gpt.data import InstructionBatchLoader, InstructionDataset, tokenize_instruction
 from gpt.errors import UserError
-from gpt.tokenizer import get_tokenizer
-
-TOK = get_tokenizer("gpt2")
-RECORD = {"instruction": "Sort these words.", "input": "pear apple", "output": "apple, pear"}
-
-
-def test_targets_are_shifted_and_only_the_response_counts_when_masked():
-    prompt_ids, response_ids = tokenize_instruction(RECORD, "alpaca", TOK)
-    assert TOK.decode(response_ids) == "apple, pear<|endoftext|>"  # the end marker is a target: the model learns to stop
-    ids = prompt_ids + response_ids
-    masked = InstructionDataset([(prompt_ids, response_ids)], max_length=200, mask_prompt=True)
-    unmasked = InstructionDataset([(prompt_ids, response_ids)], max_length=200, mask_prompt=False)
-    inputs, targets, length = masked[0]
-    assert inputs.tolist() == ids[:-1] and int(length) == len(ids) - 1
-    counted = [t for t in targets.tolist() if t != -100]
-    assert counted == response_ids  # exactly the response and its end marker
-    assert unmasked[0][1].tolist() == ids[1:]
-
-
-def test_padding_is_ignored_and_batches_trim_to_the_longest():
-    short = tokenize_instruction({"instruction": "Hi", "output": "ok"}, "chatml", TOK)
-    long = tokenize_instruction(RECORD, "chatml", TOK)
-    dataset = InstructionDataset([short, long], max_length=200, mask_prompt=False)
-    inputs, targets, lengths = InstructionBatchLoader(dataset, 2, shuffle=False).next_batch()
-    assert inputs.shape == targets.shape == (2, len(long[0]) + len(long[1]) - 1)
-    pad = int(lengths[0])
-    assert (targets[0, pad:] == -100).all() and (targets[0, :pad] != -100).all()
-
-
-def test_long_records_lose_prompt_from_the_left_or_are_dropped_and_counted():
-    prompt_ids, response_ids = [1] * 50 + [2], [3, 4, 5]
-    cut = InstructionDataset([(prompt_ids, response_ids)], max_length=10, mask_prompt=True)
-    assert cut.stats.prompt_truncated == 1 and int(cut.lengths[0]) == 10
-    assert cut[0][0].tolist()[-3:] == [2, 3, 4]  # the end of the prompt and the response survive
-    with pytest.raises(UserError, match="no instruction record fits in 2 tokens"):
-        InstructionDataset([(prompt_ids, response_ids)], max_length=2, mask_prompt=True)
-    mixed = InstructionDataset([(prompt_ids, response_ids), ([1], list(range(20)))], max_length=10, mask_prompt=True)
-    assert (mixed.stats.kept, mixed.stats.dropped_too_long) == (1, 1)
 
 
 def write_records(path: Path, n: int = 40) -> None:
@@ -84,7 +44,7 @@ def test_script_end_to_end_on_a_tiny_model(tmp_path):
     "content, message",
     [
         ('{"instruction": "x"}\n', r"line 1: missing field 'output'"),
-        ('{"instruction": "x", "output": "y"}\n{"instruction": \n', r"line 2: invalid JSON"),
+        ('{"instruction": "x", "output": "y"}\n{"instruction": \n', r"line 2, column \d+: not valid JSON"),
         ("", r"no instruction records"),
     ],
 )

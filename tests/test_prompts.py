@@ -214,12 +214,12 @@ def test_read_json_and_jsonl(tmp_path):
 
 @pytest.mark.parametrize("name, text, message", [
     ("bad.jsonl", '{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": \n',
-     r"bad.jsonl, line 2: invalid JSON"),
+     r"bad.jsonl, line 2, column \d+: not valid JSON"),
     ("missing.jsonl", '{"instruction": "a", "output": "b"}\n\n{"instruction": "a"}\n',
      r"missing.jsonl, line 3: missing field 'output'"),
     ("list.jsonl", '["instruction", "output"]\n', r"list.jsonl, record 0: expected a JSON object, got str"),
     ("bad.json", '[{"instruction": "a", "output": "b"},\n {"instruction": "a" "output": "b"}]',
-     r"bad.json, line 2: invalid JSON"),
+     r"bad.json, line 2, column \d+: not valid JSON"),
     ("index.json", '[{"instruction": "a", "output": "b"}, {"instruction": "a", "output": "b"}, {"input": "c"}]',
      r"index.json, record 2: missing field 'instruction'"),
     ("notobject.json", '[{"instruction": "a", "output": "b"}, 7]', r"notobject.json, record 1: expected a JSON object"),

@@ -13,14 +13,13 @@ one that maximizes the positive class's F1 on the validation split, applied to t
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..checkpoint import atomic_write
+from ..files import write_json, write_text
 from ..classifier import GPTClassifier, decide, predict
 from ..data import ClassificationDataset, iterate_classification_eval
 from .classification import classification_report, format_report_markdown, tune_threshold
@@ -57,7 +56,7 @@ def evaluate_classifier(model: GPTClassifier, datasets: dict[str, Classification
 
 def write_reports(out_dir: Path, report: dict[str, Any], labels: list[str]) -> None:
     """report.json always; report.md once there is an `after` to set beside `before`. Both atomic."""
-    atomic_write(out_dir / "report.json", lambda f: f.write((json.dumps(report, indent=2) + "\n").encode()))
+    write_json(out_dir / "report.json", report)
     if "after" not in report:
         return
     run, before, after = report["run"], report["before"], report["after"]
@@ -83,7 +82,7 @@ def write_reports(out_dir: Path, report: dict[str, Any], labels: list[str]) -> N
             "(`python -m gpt classify --threshold tuned` applies the latter).", "",
             format_report_markdown(tb["test"], ta["test"], labels),
         ]
-    atomic_write(out_dir / "report.md", lambda f: f.write("\n".join(lines).encode()))
+    write_text(out_dir / "report.md", "\n".join(lines))
 
 
 def summary_line(name: str, report: dict[str, Any], labels: list[str]) -> str:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..checkpoint import atomic_write
+from ..files import write_json, write_text
 from ..data import InstructionDataset, iterate_eval, tokenize_instruction, trim_instruction_batch
 from ..generate import generate
 from ..model import GPT
@@ -105,9 +105,8 @@ def write_reports(out_dir: Path, before: dict[str, Any], after: dict[str, Any], 
     Each file is written atomically. `run` describes the run (model, trainable, template, mask_prompt, ...).
     """
     report = {"before": before, "after": after, **run}
-    atomic_write(out_dir / "report.json", lambda f: f.write((json.dumps(report, indent=2) + "\n").encode()))
-    atomic_write(out_dir / "responses.jsonl",
-                 lambda f: f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()))
+    write_json(out_dir / "report.json", report)
+    write_text(out_dir / "responses.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     lines = ["# Instruction tuning: before and after", "",
              f"Model: {run['model']}; trained: {run['trainable']}; template: {run['template']}; "
              f"prompt masked: {run['mask_prompt']}.", "",
@@ -129,4 +128,4 @@ def write_reports(out_dir: Path, before: dict[str, Any], after: dict[str, Any], 
         cells = [r["task"], (r["instruction"] + " " + r.get("input", "")).strip()[:80], r["expected"], r["before"],
                  r["after"]]
         lines.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
-    atomic_write(out_dir / "report.md", lambda f: f.write(("\n".join(lines) + "\n").encode()))
+    write_text(out_dir / "report.md", "\n".join(lines) + "\n")

@@ -30,7 +30,7 @@ from typing import Any, NoReturn
 import torch
 import torch.nn as nn
 
-from ..checkpoint import atomic_target, atomic_write
+from ..files import atomic_target, write_json
 from ..config import ModelConfig
 from ..errors import ConfigError, UserError
 from ..model import GPT
@@ -413,10 +413,10 @@ def save_pretrained(
                      bos_token_id=bos_token_id, eos_token_id=eos_token_id, use_cache=True)  # fmt: skip
 
     _save_safetensors_atomically(out_dir / "model.safetensors", hf_tensors)
-    _write_json_atomically(out_dir / "config.json", hf_config)
+    write_json(out_dir / "config.json", hf_config, sort_keys=True)
     if bos_token_id is not None or eos_token_id is not None:
         generation = {"bos_token_id": bos_token_id, "eos_token_id": eos_token_id}
-        _write_json_atomically(out_dir / "generation_config.json", generation)
+        write_json(out_dir / "generation_config.json", generation, sort_keys=True)
     return out_dir
 
 
@@ -524,8 +524,3 @@ def _save_safetensors_atomically(path: Path, tensors: dict[str, torch.Tensor]) -
     safetensors = _import_safetensors()
     with atomic_target(path) as tmp:
         safetensors.torch.save_file(tensors, str(tmp), metadata={"format": "pt"})
-
-
-def _write_json_atomically(path: Path, value: dict[str, Any]) -> None:
-    text = json.dumps(value, indent=2, sort_keys=True) + "\n"
-    atomic_write(path, lambda f: f.write(text.encode("utf-8")))

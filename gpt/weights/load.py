@@ -15,7 +15,8 @@ from ..errors import UserError
 from ..fetch import KNOWN_MODELS, resolve_model
 from ..model import GPT
 from ..tokenizer import Tokenizer, get_tokenizer
-from .gguf import is_gguf_file, load_gguf
+from ..gguf_file import is_gguf_file
+from .gguf import load_gguf
 from .hf import load_hf_folder, resolve_dtype
 
 

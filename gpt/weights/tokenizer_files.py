@@ -17,16 +17,15 @@ the context length and the chat template.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import atomic_write
+from ..files import write_json
 from ..errors import UserError
 from ..tokenizer import byte_alphabet, load_tiktoken_ranks
-from .gguf import metadata_array, metadata_value, open_gguf
+from ..gguf_file import metadata_array, metadata_value, open_gguf
 
 GPT2_EOT = "<|endoftext|>"
 
@@ -172,6 +171,5 @@ def _write_files(
     if chat_template is not None:
         tokenizer_config["chat_template"] = chat_template
     for name, value in (("tokenizer.json", tokenizer), ("tokenizer_config.json", tokenizer_config)):
-        text = json.dumps(value, indent=2, ensure_ascii=False) + "\n"
-        atomic_write(out_dir / name, lambda f, text=text: f.write(text.encode("utf-8")))
+        write_json(out_dir / name, value, ensure_ascii=False)
     return ["tokenizer.json", "tokenizer_config.json"]
