@@ -17,7 +17,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "chat": ("gpt.cli:chat_cli", "talk with a model in the terminal (its chat template, streamed replies)"),
     "evaluate": ("gpt.cli:evaluate_cli", "loss/perplexity on a text file, or responses to a batch of prompts"),
     "convert": ("gpt.weights:convert_cli", "export a model to a Hugging Face folder transformers can load"),
-    "prepare": ("gpt.data:prepare_cli", "tokenize a large corpus into uint16 token files for pretraining"),
+    "prepare": ("gpt.data.token_files:prepare_cli", "tokenize a large corpus into uint16 token files for pretraining"),
     "fetch": ("gpt.fetch:fetch_cli", "download a known pretrained model into the local cache (explicit, once)"),
     "classify": ("gpt.classifier:classify_cli", "label texts with a classifier from finetune_classifier.py"),
     "bench": ("gpt.bench:bench_cli", "training/generation speed, MFU and peak memory against transformers"),

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
-from gpt.errors import UserError
+from .errors import UserError
 
 CACHE_ENV_VAR = "GPT_CACHE_DIR"
 _CHUNK = 1 << 20

@@ -1,4 +1,4 @@
-"""Classifier fine-tuning: the class head and pooling, what trains, classification data, the script, `classify`."""
+"""Classifier fine-tuning: the class head and pooling, what trains, the script, `classify` (the data: test_classification_data.py)."""
 
 from __future__ import annotations
 

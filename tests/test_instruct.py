@@ -1,4 +1,4 @@
-"""Instruction tuning: the collate rules (shift, masking, padding, truncation) and finetune_instruct.py end to end."""
+"""Instruction tuning: finetune_instruct.py end to end (the data and its collate rules: test_instruct_data.py)."""
 
 import json
 from pathlib import Path
