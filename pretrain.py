@@ -27,7 +27,8 @@ from gpt.evaluate import language_model_metrics, next_token_loss
 from gpt.generate import generate
 from gpt.model import GPT
 from gpt.tokenizer import get_tokenizer
-from gpt.train import TrainTask, setup_runtime, train
+from gpt.runtime import setup_runtime
+from gpt.train import TrainTask, train
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "tiny.toml"
 
@@ -81,32 +82,32 @@ def greedy_sample(model: GPT, tokenizer, sample: SampleConfig) -> str:
 def main(argv: list[str] | None = None) -> int:
     config = parse_args(sys.argv[1:] if argv is None else argv)
     model_cfg, train_cfg, data_cfg, sample_cfg = (config[k] for k in ("model", "train", "data", "sample"))
-    runtime = setup_runtime(train_cfg, "pretrain")
-    tokenizer = get_tokenizer("gpt2")
-    if model_cfg.vocab_size < tokenizer.n_vocab:
-        raise UserError(f"model.vocab_size: {model_cfg.vocab_size} is smaller than the GPT-2 tokenizer's {tokenizer.n_vocab}")
+    with setup_runtime(train_cfg, "pretrain") as runtime:
+        tokenizer = get_tokenizer("gpt2")
+        if model_cfg.vocab_size < tokenizer.n_vocab:
+            raise UserError(f"model.vocab_size: {model_cfg.vocab_size} is smaller than the GPT-2 tokenizer's {tokenizer.n_vocab}")
 
-    train_set, val_set = build_datasets(data_cfg, model_cfg.context_length, tokenizer)
-    loader = BatchLoader(train_set, train_cfg.batch_size, shuffle=True, seed=train_cfg.seed,
-                         rank=runtime.rank, world_size=runtime.world_size)
-    model = GPT(model_cfg)
-    if runtime.is_main:
-        save_config_json(config, runtime.out_dir / "config.json")
-        print(f"model: {model.num_parameters():,} parameters; train windows {len(train_set):,}, "
-              f"val windows {len(val_set):,}; device {runtime.device}, precision {runtime.autocast_dtype}; "
-              f"run folder {runtime.out_dir}")
-        print(f"sample before training: {greedy_sample(model, tokenizer, sample_cfg)!r}")
+        train_set, val_set = build_datasets(data_cfg, model_cfg.context_length, tokenizer)
+        loader = BatchLoader(train_set, train_cfg.batch_size, shuffle=True, seed=train_cfg.seed,
+                             rank=runtime.rank, world_size=runtime.world_size)
+        model = GPT(model_cfg)
+        if runtime.is_main:
+            save_config_json(config, runtime.out_dir / "config.json")
+            print(f"model: {model.num_parameters():,} parameters; train windows {len(train_set):,}, "
+                  f"val windows {len(val_set):,}; device {runtime.device}, precision {runtime.autocast_dtype}; "
+                  f"run folder {runtime.out_dir}")
+            print(f"sample before training: {greedy_sample(model, tokenizer, sample_cfg)!r}")
 
-    task = TrainTask(
-        model=model,
-        train_batches=loader,
-        loss=next_token_loss,
-        evaluate=lambda m: language_model_metrics(
-            m, iterate_eval(val_set, train_cfg.batch_size, max_batches=train_cfg.eval_batches), runtime.device),
-        batch_tokens=lambda batch: batch[1].numel(),
-        tokenizer="gpt2",
-    )
-    result = train(task, train_cfg, runtime, {name: s.to_dict() for name, s in config.items()})
+        task = TrainTask(
+            model=model,
+            train_batches=loader,
+            loss=next_token_loss,
+            evaluate=lambda m: language_model_metrics(
+                m, iterate_eval(val_set, train_cfg.batch_size, max_batches=train_cfg.eval_batches), runtime.device),
+            batch_tokens=lambda batch: batch[1].numel(),
+            tokenizer="gpt2",
+        )
+        result = train(task, train_cfg, runtime, {name: s.to_dict() for name, s in config.items()})
     if runtime.is_main:
         print(f"sample after training:  {greedy_sample(model, tokenizer, sample_cfg)!r}")
         if result.last_val:

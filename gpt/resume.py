@@ -1,0 +1,75 @@
+"""Exact resume: which checkpoint a run continues from, and the random state it saves and restores.
+
+A training checkpoint holds, besides model and optimizer, every random number generator
+the run draws from (`rng_state`): torch's CPU generator, python's `random`, numpy's
+global generator and, on CUDA, the generator of the run's own device. Only the run's own
+device: a resume may see another number of GPUs, and under torchrun every rank is seeded
+alike and draws alike, so rank 0's device state is each rank's state for its own device.
+
+A checkpoint may be loaded onto any device, but generator states must be CPU tensors, so
+`set_rng_state` brings them back to the CPU first.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import UserError
+
+
+def find_resume_checkpoint(resume: str, out_dir: Path) -> Path | None:
+    """`auto` -> out_dir/checkpoints/latest.pt if it exists (else start fresh); a path -> that file."""
+    if not resume:
+        return None
+    if resume == "auto":
+        latest = out_dir / "checkpoints" / "latest.pt"
+        return latest if latest.exists() else None
+    path = Path(resume)
+    if path.is_dir():
+        path = path / "checkpoints" / "latest.pt"
+    if not path.exists():
+        raise UserError(f"train.resume: checkpoint {path} not found")
+    return path
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """Every random number generator a run on `device` touches, as plain containers and tensors."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state["numpy"] = {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    """Restore what `rng_state` saved, wherever the checkpoint was loaded; `device` is the resuming run's."""
+    torch.set_rng_state(state["torch"].cpu())
+    random.setstate(_as_tuples(state["python"]))
+    np_state = state["numpy"]
+    np.random.set_state((np_state["kind"], np_state["keys"].cpu().numpy().astype(np.uint32), np_state["pos"],
+                         np_state["has_gauss"], np_state["cached_gaussian"]))
+    if device.type == "cuda" and "cuda" in state:
+        cuda_state = _own_device_state(state["cuda"], device)
+        if cuda_state is not None:
+            torch.cuda.set_rng_state(cuda_state.cpu(), device)
+
+
+def _own_device_state(saved: torch.Tensor | list[torch.Tensor], device: torch.device) -> torch.Tensor | None:
+    """The saved CUDA generator state for `device`. Checkpoints written before exact resume kept the
+    run's own device only hold a list, one state per GPU the saving process saw."""
+    if isinstance(saved, torch.Tensor):
+        return saved
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return saved[index] if index < len(saved) else None
+
+
+def _as_tuples(value: Any) -> Any:
+    """python's random state is nested tuples; a checkpoint round trip may hand back lists."""
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
