@@ -12,7 +12,6 @@ checkpoints/ (latest.pt, best.pt). `--train.resume auto` continues an interrupte
 
 from __future__ import annotations
 
-import argparse
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -20,15 +19,16 @@ from pathlib import Path
 
 import torch
 
-from gpt.config import DataConfig, ModelConfig, Section, TrainConfig, load_config, save_config_json
-from gpt.data import BatchLoader, SlidingWindowDataset, TokenFileDataset, iterate_eval, load_text_corpus
+from gpt.config import DataConfig, ModelConfig, Section, TrainConfig, save_config_json
+from gpt.data import pretraining_windows
 from gpt.errors import UserError, run_cli
-from gpt.evaluate import language_model_metrics, next_token_loss
+from gpt.scripts import parse_script_args
 from gpt.generate import generate
 from gpt.model import GPT
-from gpt.tokenizer import get_tokenizer
 from gpt.runtime import setup_runtime
-from gpt.train import TrainTask, train
+from gpt.tasks import pretrain_task
+from gpt.tokenizer import Tokenizer, get_tokenizer
+from gpt.train import train
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "tiny.toml"
 
@@ -50,29 +50,8 @@ SECTIONS: dict[str, type[Section]] = {"model": ModelConfig, "train": TrainConfig
                                       "sample": SampleConfig}
 
 
-def parse_args(argv: list[str]) -> dict[str, Section]:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="config fields (override any with --section.field value):\n"
-        + "\n".join(line for cls in SECTIONS.values() for line in cls.field_help()),
-    )
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="TOML config file (default: configs/tiny.toml)")
-    args, overrides = parser.parse_known_args(argv)
-    return load_config(SECTIONS, args.config, overrides)
-
-
-def build_datasets(data: DataConfig, context_length: int, tokenizer) -> tuple[object, object]:
-    """Training and validation windows: from prepared token files (a folder with train.bin/val.bin) or from text."""
-    path = Path(data.path)
-    if path.is_dir() and (path / "train.bin").exists():
-        return TokenFileDataset(path / "train.bin", context_length), TokenFileDataset(path / "val.bin", context_length)
-    train_tokens, val_tokens, _ = load_text_corpus(path, tokenizer, data.val_fraction)
-    stride = data.stride or context_length
-    return (SlidingWindowDataset(train_tokens, context_length, stride, name="the training split"),
-            SlidingWindowDataset(val_tokens, context_length, context_length, name="the validation split"))
-
-
-def greedy_sample(model: GPT, tokenizer, sample: SampleConfig) -> str:
+def greedy_sample(model: GPT, tokenizer: Tokenizer, sample: SampleConfig) -> str:
+    """The model's greedy continuation of the sample prompt, as text."""
     ids = torch.tensor(tokenizer.encode(sample.prompt), device=model.tok_emb.weight.device)
     room = model.config.context_length - len(ids)
     out = generate(model, ids, max_new_tokens=min(sample.max_new_tokens, room), temperature=0.0)
@@ -80,16 +59,16 @@ def greedy_sample(model: GPT, tokenizer, sample: SampleConfig) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = parse_args(sys.argv[1:] if argv is None else argv)
+    _, config = parse_script_args(sys.argv[1:] if argv is None else argv, description=__doc__, sections=SECTIONS,
+                                  default_config=DEFAULT_CONFIG)
     model_cfg, train_cfg, data_cfg, sample_cfg = (config[k] for k in ("model", "train", "data", "sample"))
     with setup_runtime(train_cfg, "pretrain") as runtime:
         tokenizer = get_tokenizer("gpt2")
         if model_cfg.vocab_size < tokenizer.n_vocab:
             raise UserError(f"model.vocab_size: {model_cfg.vocab_size} is smaller than the GPT-2 tokenizer's {tokenizer.n_vocab}")
 
-        train_set, val_set = build_datasets(data_cfg, model_cfg.context_length, tokenizer)
-        loader = BatchLoader(train_set, train_cfg.batch_size, shuffle=True, seed=train_cfg.seed,
-                             rank=runtime.rank, world_size=runtime.world_size)
+        train_set, val_set = pretraining_windows(data_cfg.path, model_cfg.context_length, tokenizer, data_cfg.val_fraction,
+                                                 data_cfg.stride)
         model = GPT(model_cfg)
         if runtime.is_main:
             save_config_json(config, runtime.out_dir / "config.json")
@@ -97,16 +76,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"val windows {len(val_set):,}; device {runtime.device}, precision {runtime.autocast_dtype}; "
                   f"run folder {runtime.out_dir}")
             print(f"sample before training: {greedy_sample(model, tokenizer, sample_cfg)!r}")
-
-        task = TrainTask(
-            model=model,
-            train_batches=loader,
-            loss=next_token_loss,
-            evaluate=lambda m: language_model_metrics(
-                m, iterate_eval(val_set, train_cfg.batch_size, max_batches=train_cfg.eval_batches), runtime.device),
-            batch_tokens=lambda batch: batch[1].numel(),
-            tokenizer="gpt2",
-        )
+        task = pretrain_task(model, train_set, val_set, train_cfg, runtime)
         result = train(task, train_cfg, runtime, {name: s.to_dict() for name, s in config.items()})
     if runtime.is_main:
         print(f"sample after training:  {greedy_sample(model, tokenizer, sample_cfg)!r}")

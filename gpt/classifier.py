@@ -12,7 +12,7 @@ Right padding and causal attention keep predictions independent of padding: posi
 i attends only to positions 0..i, so the states of a text's real tokens never see the
 padding after them, and pooling reads only those states.
 
-What trains is chosen by `gpt.finetune.set_trainable`: "head", "last:N" (the last N
+What trains is chosen by `gpt.scripts.set_trainable`: "head", "last:N" (the last N
 blocks, the final norm and the head), "all", or "lora" (adapters plus the head).
 
 A classifier checkpoint is an ordinary gpt checkpoint (`gpt.checkpoint`) with a

@@ -28,7 +28,7 @@ from gpt.classifier import (
 from gpt.config import ModelConfig
 from gpt.data import ClassificationBatchLoader
 from gpt.errors import ConfigError, UserError
-from gpt.finetune import parse_trainable, set_trainable
+from gpt.scripts import parse_trainable, set_trainable
 from gpt.lora import count_parameters
 from gpt.model import GPT
 from gpt.tokenizer import get_tokenizer
@@ -317,13 +317,6 @@ def test_last_n_beyond_the_depth_from_the_command_line(tmp_path, sms_like):
     args = [*TINY_RUN, "--data.path", str(sms_like), "--train.trainable", "last:2", "--train.out_dir", str(tmp_path)]
     with pytest.raises(UserError, match=r"last:2 asks for the last 2 blocks, but the model has 1"):
         finetune_classifier.main(args)
-
-
-def test_model_argument_takes_a_preset_and_refuses_shape_changes_of_pretrained_models(tmp_path):
-    source, config = finetune_classifier.parse_args(["--model", "tiny", "--model.n_layer", "1"])
-    assert source == "" and config["model"].n_layer == 1 and config["model"].d_model == 256  # tiny, not the toml's 128
-    with pytest.raises(UserError, match=r"--model.n_layer: model.\* settings apply to a model from scratch only"):
-        finetune_classifier.parse_args(["--model", "smollm2-135m-instruct", "--model.n_layer", "1"])
 
 
 def test_model_from_our_pretraining_checkpoint(tmp_path, sms_like):

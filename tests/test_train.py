@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import gpt.tasks
 import pretrain
 from gpt import checkpoint as checkpoint_module
 from gpt.checkpoint import load_checkpoint, save_checkpoint
@@ -167,14 +168,14 @@ def test_the_script_closes_the_runtime_it_opened_and_train_leaves_it_open(tmp_pa
 
 def test_non_finite_loss_stops_before_the_step_and_keeps_the_checkpoint(tmp_path, corpus, monkeypatch):
     calls = {"n": 0}
-    real_loss = pretrain.next_token_loss
+    real_loss = gpt.tasks.next_token_loss
 
     def loss_that_explodes(model, batch):
         calls["n"] += 1
         loss = real_loss(model, batch)
         return loss * float("nan") if calls["n"] == 3 else loss
 
-    monkeypatch.setattr(pretrain, "next_token_loss", loss_that_explodes)
+    monkeypatch.setattr(gpt.tasks, "next_token_loss", loss_that_explodes)
     with pytest.raises(TrainingStopped, match="non-finite loss at step 3"):
         run(tmp_path, corpus, "--train.max_steps", "6", "--train.eval_interval", "2")
     latest = tmp_path / "checkpoints" / "latest.pt"

@@ -67,12 +67,14 @@ from .instruct import (
     InstructionBatchLoader,
     InstructionDataset,
     InstructionStats,
+    describe_dataset,
+    instruction_datasets,
     split_records,
     tokenize_instruction,
     trim_instruction_batch,
 )
 from .labeled_files import CLASSIFICATION_FORMATS, HEADER_CHOICES, LabeledText, read_labeled_texts
-from .loader import BatchLoader, SlidingWindowDataset, TokenFileDataset, iterate_eval
+from .loader import BatchLoader, SlidingWindowDataset, TokenFileDataset, iterate_eval, pretraining_windows
 from .token_files import TOKEN_DTYPE, prepare, prepare_cli, text_histogram, write_length_histogram
 from .text import (
     DEFAULT_BLOCK_BYTES,
@@ -114,15 +116,18 @@ __all__ = [
     "clean_documents",
     "dataset_stats",
     "deduplicate_texts",
+    "describe_dataset",
     "describe_splits",
     "downsample_classes",
     "format_stats",
+    "instruction_datasets",
     "iterate_classification_eval",
     "iterate_eval",
     "join_documents",
     "label_names",
     "load_text_corpus",
     "prepare",
+    "pretraining_windows",
     "prepare_cli",
     "read_documents",
     "read_labeled_texts",

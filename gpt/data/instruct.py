@@ -163,3 +163,20 @@ def split_records(records: list[dict[str, Any]], cfg: InstructDataConfig) -> dic
         if not split:
             raise UserError(f"{cfg.path}: the {name} split is empty: too few records")
     return splits
+
+
+def instruction_datasets(splits: dict[str, list[dict[str, Any]]], template: str, tokenizer: Tokenizer,
+                         max_length: int, mask_prompt: bool) -> dict[str, InstructionDataset]:
+    """Each split tokenized; `mask_prompt` applies to training only: validation and test losses are
+    always over the response alone, whatever the training masks."""
+    return {name: InstructionDataset.from_records(split, template, tokenizer, max_length,
+                                                  mask_prompt=mask_prompt if name == "train" else True)
+            for name, split in splits.items()}
+
+
+def describe_dataset(name: str, dataset: InstructionDataset) -> str:
+    """One line: records kept, prompts cut, records dropped, the longest sequence."""
+    s = dataset.stats
+    return (f"{name:<5} {s.kept:>5,} records (of {s.records:,}); prompts cut from the left: {s.prompt_truncated}; "
+            f"dropped (response longer than max_length): {s.dropped_too_long}; "
+            f"longest sequence {int(dataset.lengths.max())} tokens")

@@ -23,7 +23,8 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import UserError
-
+from ..tokenizer import Tokenizer
+from .corpus import load_text_corpus
 from .text import PathLike
 
 # ----------------------------------------------------------------------------
@@ -89,6 +90,22 @@ class TokenFileDataset(SlidingWindowDataset):
         tokens = np.memmap(path, dtype=np.uint16, mode="r") if size else np.zeros(0, dtype=np.uint16)
         super().__init__(tokens, context_length, stride or context_length, name=str(path))
         self.path = path
+
+
+def pretraining_windows(path: PathLike, context_length: int, tokenizer: Tokenizer, val_fraction: float,
+                        stride: int = 0) -> tuple[SlidingWindowDataset, SlidingWindowDataset]:
+    """Training and validation windows for pretraining: from the token files of a prepared folder
+    (train.bin, val.bin), or from text read and split in memory (`load_text_corpus`).
+
+    Training windows start `stride` tokens apart (0: `context_length`, no overlap);
+    validation windows never overlap, so each validation token is scored once.
+    """
+    path = Path(path)
+    if path.is_dir() and (path / "train.bin").exists():
+        return TokenFileDataset(path / "train.bin", context_length), TokenFileDataset(path / "val.bin", context_length)
+    train_tokens, val_tokens, _ = load_text_corpus(path, tokenizer, val_fraction)
+    return (SlidingWindowDataset(train_tokens, context_length, stride or context_length, name="the training split"),
+            SlidingWindowDataset(val_tokens, context_length, context_length, name="the validation split"))
 
 
 # ----------------------------------------------------------------------------
