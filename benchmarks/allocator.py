@@ -4,7 +4,7 @@ glibc's malloc hands every block over 32 MB straight to the kernel (a fresh mmap
 gives it back on free, so each big temporary of a training step (logits, their float32
 copies, a weight gradient) is paid again in page faults: the kernel maps and zeroes
 every 4 KiB page on first touch. `mallopt(M_MMAP_MAX, 0)` plus a huge trim threshold
-makes glibc keep and reuse that memory instead (`gpt.train.keep_freed_memory`, which
+makes glibc keep and reuse that memory instead (`gpt.runtime.keep_freed_memory`, which
 our trainer applies on CPU unless `--train.keep_freed_memory false`).
 
 The allocator is a setting of the whole process, so each setting runs in its own
@@ -30,17 +30,17 @@ import tempfile
 import time
 from pathlib import Path
 
-from gpt.train import keep_freed_memory
+from gpt.runtime import keep_freed_memory
 
 
 def measure(config_name: str, rounds: int, steps: int) -> dict:
     """Time our GPT and transformers' GPT-2 in this process, interleaved; returns per-contender figures."""
     import torch
 
-    from gpt.bench import (
-        BENCH_CONFIGS, CONTENDERS, build_trainee, export_for_transformers, quiet_transformers, token_batches,
-        train_step_function,
+    from gpt.bench.contenders import (
+        BENCH_CONFIGS, CONTENDERS, build_trainee, export_for_transformers, quiet_transformers,
     )
+    from gpt.bench.timing import token_batches, train_step_function
 
     quiet_transformers()
     bench_config, device = BENCH_CONFIGS[config_name], torch.device("cpu")

@@ -50,6 +50,7 @@ from .errors import ConfigError, UserError
 from .files import json_lines
 from .lora import apply_lora, merge_lora
 from .model import GPT
+from .runtime import pick_device
 from .tokenizer import Tokenizer, get_tokenizer
 
 POOLINGS = ("last", "mean")
@@ -292,8 +293,6 @@ def parse_threshold(text: str | None, info: dict[str, Any]) -> float | None:
 
 def classify_cli(argv: list[str]) -> int:
     """`python -m gpt classify --checkpoint RUN TEXT... | --file FILE`: labels with probabilities."""
-    from .runtime import pick_device
-
     parser = argparse.ArgumentParser(
         prog="python -m gpt classify",
         description="Classify texts with a model trained by finetune_classifier.py. Prints, for each text, the "

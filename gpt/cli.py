@@ -20,11 +20,14 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import UserError
-from .files import json_lines, write_text
 from .evaluate import sliding_window_loss
+from .files import json_lines, write_text
+from .generate import generate, stream_tokens
 from .model import GPT
+from .prompts import chat_prompt
 from .runtime import pick_device
 from .tokenizer import Tokenizer
+from .weights import load_model_and_tokenizer
 
 # ----------------------------------------------------------------------------
 # Loading a model and its tokenizer
@@ -41,11 +44,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
 
 
-def load_model_and_tokenizer(args: argparse.Namespace) -> tuple[GPT, Tokenizer]:
+def model_from_args(args: argparse.Namespace) -> tuple[GPT, Tokenizer]:
     """The model named by --model / --checkpoint / --preset, on the requested device, in eval mode."""
-    from .weights import load_model_and_tokenizer as load
-
-    loaded = load(args.preset or args.model or args.checkpoint, seed=args.seed)
+    loaded = load_model_and_tokenizer(args.preset or args.model or args.checkpoint, seed=args.seed)
     if args.preset:
         print(f"[random-init {args.preset}: {loaded.model.num_parameters():,} parameters; expect gibberish]",
               file=sys.stderr)
@@ -73,8 +74,6 @@ def stream_reply(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], args: 
                  generator: torch.Generator) -> tuple[str, int]:
     """Generate after `prompt_ids`, printing text as it comes; returns the text and the token count.
     Ctrl-C stops the reply early and keeps what was printed."""
-    from .generate import stream_tokens
-
     decoder, pieces, count = tokenizer.stream_decoder(), [], 0
     try:
         for token in stream_tokens(model, [prompt_ids], args.max_new_tokens, args.temperature, args.top_k or None,
@@ -108,7 +107,7 @@ def generate_cli(argv: list[str]) -> int:
     add_sampling_arguments(parser, temperature=0.8)
     args = parser.parse_args(argv)
 
-    model, tokenizer = load_model_and_tokenizer(args)
+    model, tokenizer = model_from_args(args)
     prompt_ids = tokenizer.encode(args.prompt)
     if not prompt_ids:
         raise UserError("--prompt is empty: give at least one character of text")
@@ -128,8 +127,6 @@ def generate_cli(argv: list[str]) -> int:
 
 
 def chat_cli(argv: list[str]) -> int:
-    from .prompts import chat_prompt
-
     parser = argparse.ArgumentParser(
         prog="python -m gpt chat",
         description="Talk with a model in the terminal. Its chat template formats the conversation; replies stream "
@@ -141,7 +138,7 @@ def chat_cli(argv: list[str]) -> int:
     add_sampling_arguments(parser, temperature=0.0)
     args = parser.parse_args(argv)
 
-    model, tokenizer = load_model_and_tokenizer(args)
+    model, tokenizer = model_from_args(args)
     generator = torch.Generator(device=model.tok_emb.weight.device).manual_seed(args.seed)
     start_messages = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(start_messages)
@@ -193,9 +190,6 @@ def read_prompts(path: Path) -> list[dict]:
 
 
 def evaluate_cli(argv: list[str]) -> int:
-    from .generate import generate
-    from .prompts import chat_prompt
-
     parser = argparse.ArgumentParser(
         prog="python -m gpt evaluate",
         description="The batch test before training: loss and perplexity of a model on a text file (sliding "
@@ -216,7 +210,7 @@ def evaluate_cli(argv: list[str]) -> int:
     if not args.text and not args.prompts:
         parser.error("give --text FILE, --prompts FILE.jsonl, or both")
 
-    model, tokenizer = load_model_and_tokenizer(args)
+    model, tokenizer = model_from_args(args)
     if args.text:
         try:
             text = args.text.read_text(encoding="utf-8-sig")

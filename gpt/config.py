@@ -252,8 +252,8 @@ class TrainConfig(Section):
     compile: bool = field(default=False, metadata={"help": "torch.compile the model and loss"})
     keep_freed_memory: bool = field(default=True, metadata={
         "help": "CPU on Linux: glibc malloc keeps freed memory for reuse instead of unmapping it "
-                "(far fewer page faults, 19% faster pretraining in BENCHMARKS.md; the process keeps "
-                "its peak size, which can be larger: turn off when memory is tight)"})
+                "(far fewer page faults, faster steps: BENCHMARKS.md; the process keeps its peak size, "
+                "which can be larger: turn off when memory is tight)"})
     resume: str = field(default="", metadata={"help": "'auto' (latest checkpoint in out_dir) or a checkpoint path"})
     wandb_project: str = field(default="", metadata={"help": "log to this Weights & Biases project (if installed)"})
     tensorboard: bool = field(default=False, metadata={"help": "also log to TensorBoard in out_dir (if installed)"})

@@ -42,6 +42,7 @@ import numpy as np
 import tiktoken
 
 from .errors import UserError
+from .fetch import KNOWN_MODELS, resolve_model
 from .gguf_file import open_gguf, read_metadata
 
 # GPT-2's pre-tokenizer: contractions, a letter run or a digit run or a
@@ -186,8 +187,6 @@ def get_tokenizer(name_or_path: str = "gpt2") -> Tokenizer:
     name from `gpt.fetch.KNOWN_MODELS` (fetched on first use)."""
     if name_or_path == "gpt2":
         return _gpt2_tokenizer()
-    from gpt.fetch import KNOWN_MODELS, resolve_model
-
     path = Path(name_or_path).expanduser()
     if not path.exists() and name_or_path not in KNOWN_MODELS:
         raise UserError(

@@ -20,6 +20,7 @@ import torch.nn as nn
 from ..config import ModelConfig
 from ..model import GPT
 from ..optim import AdamW, param_groups
+from ..weights import save_pretrained
 
 LossFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x, y) -> mean next-token loss
 
@@ -113,8 +114,6 @@ def our_model(config: ModelConfig, seed: int) -> GPT:
 
 def export_for_transformers(bench_config: BenchConfig, family: str, seed: int, folder: Path) -> Path:
     """Write the family's seeded model of ours as a transformers folder; its reference loads from there."""
-    from ..weights import save_pretrained
-
     ours = our_model(model_config(bench_config, CONTENDERS[OURS_OF_FAMILY[family]]), seed)
     return save_pretrained(ours, folder / family)
 
