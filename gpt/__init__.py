@@ -11,9 +11,9 @@ The public API, in the order a model's life goes::
     gpt.save_pretrained(model, out_dir)        # a folder transformers loads
 """
 
+from .cache import KVCache
 from .config import ModelConfig, TrainConfig
 from .generate import generate
-from .cache import KVCache
 from .model import GPT
 from .optim import AdamW
 from .tokenizer import get_tokenizer

@@ -9,15 +9,15 @@
 `python -m gpt convert SRC --out DIR` does both in one go (see `convert.py`).
 
 Modules: `load.py` tells the kinds of source apart, `assemble.py` fills a
-meta-device model tensor by tensor, `hf.py` reads and writes Hugging Face
-folders, `gguf.py` reads GGUF files, `tokenizer_files.py` writes Hugging Face
-tokenizer files, `convert.py` is the command line.
+meta-device model tensor by tensor, `hf.py` reads Hugging Face folders and
+`hf_export.py` writes them, `gguf.py` reads GGUF files, `tokenizer_files.py`
+writes Hugging Face tokenizer files, `convert.py` is the command line.
 """
 
 from __future__ import annotations
 
 from .convert import convert_cli
-from .hf import save_pretrained
+from .hf_export import save_pretrained
 from .load import LoadedModel, is_preset_name, load_model_and_tokenizer, load_pretrained, source_kind
 
 __all__ = ["load_pretrained", "save_pretrained", "source_kind", "convert_cli", "load_model_and_tokenizer",

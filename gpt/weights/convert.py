@@ -20,7 +20,8 @@ from pathlib import Path
 from ..checkpoint import load_checkpoint, model_from_checkpoint
 from ..errors import UserError
 from ..model import GPT
-from .hf import HF_CLASS, hf_family, read_hf_config, save_pretrained
+from .hf import HF_CLASS, read_hf_config
+from .hf_export import hf_family, save_pretrained
 from .load import load_pretrained, source_kind
 from .tokenizer_files import write_gguf_tokenizer, write_gpt2_tokenizer
 
