@@ -1,0 +1,309 @@
+"""The CUDA path (`python -m pytest -m gpu` on a machine with a GPU; every test skips without one).
+
+Each test guards a finding of a code review of the CUDA path, named in its first line:
+resume on a GPU (random state), the fused loss (values, speed, no host syncs), flash
+attention in training, generation with padding, bf16 selection, AdamW's multi-tensor path,
+peak memory and MFU reporting, the fp16 gradient scaler, evaluation memory, compile.
+The whole file takes about two minutes on one H100/H200.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import statistics
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pretrain
+from gpt.checkpoint import load_checkpoint, save_checkpoint
+from gpt.config import ModelConfig
+from gpt.data import BatchLoader
+from gpt.fused_loss import linear_cross_entropy
+from gpt.generate import generate
+from gpt.model import GPT
+from gpt.optim import AdamW
+from gpt.resume import rng_state, set_rng_state
+from gpt.runtime import matmul_peak_flops, peak_memory_mib, pick_autocast_dtype, published_peak_flops
+from gpt.train import move_to
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+REPO = Path(__file__).resolve().parents[1]
+CUDA = torch.device("cuda")
+LLAMA_STYLE = dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", bias=False, n_kv_head=2)
+SMALL_RUN = [
+    "--model.n_layer", "1", "--model.d_model", "32", "--model.n_head", "2", "--model.context_length", "32",
+    "--train.batch_size", "4", "--train.eval_batches", "2", "--train.log_interval", "1",
+    "--train.warmup_steps", "2", "--train.device", "cuda", "--sample.max_new_tokens", "3",
+]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "text.txt"
+    path.write_text((REPO / "data" / "botchan.txt").read_text(encoding="utf-8-sig")[20_000:40_000], encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def no_tf32():
+    """fp32 compared with fp32, not TF32 (a training run switches TF32 on for the process)."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def run(out_dir: Path, corpus: Path, *extra: str) -> None:
+    assert pretrain.main([*SMALL_RUN, "--data.path", str(corpus), "--train.out_dir", str(out_dir), *extra]) == 0
+
+
+def train_losses(out_dir: Path) -> list[float]:
+    lines = (out_dir / "metrics.jsonl").read_text().splitlines()
+    return [r["loss"] for r in map(json.loads, lines) if r["split"] == "train"]
+
+
+def record(test: str, **figures: object) -> None:
+    """Measured figures, printed, and appended to the JSON-lines file GPT_TEST_FIGURES names (if set)."""
+    print(f"\n{test}: {figures}")
+    if os.environ.get("GPT_TEST_FIGURES"):
+        with open(os.environ["GPT_TEST_FIGURES"], "a") as out:
+            out.write(json.dumps({"test": test, "device": torch.cuda.get_device_name(), **figures}) + "\n")
+
+
+def median_ms(work, repeats: int = 5) -> float:
+    work()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        work()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+# ---------------------------------------------------------------- resume on a GPU
+
+
+def test_f1_f2_rng_state_survives_a_checkpoint_loaded_onto_the_gpu(tmp_path):
+    """F1/F2: the run's own CUDA generator state, loaded onto the GPU, restores (also from the old list format)."""
+    model = GPT(ModelConfig(vocab_size=50, context_length=8, d_model=16, n_layer=1, n_head=2))
+    torch.manual_seed(3)
+    save_checkpoint(tmp_path / "c.pt", model, rng=rng_state(CUDA))
+    expected = (torch.rand(3), torch.rand(3, device=CUDA))
+    state = load_checkpoint(tmp_path / "c.pt", map_location=CUDA)
+    set_rng_state(state["rng"], CUDA)
+    assert torch.equal(torch.rand(3), expected[0]) and torch.equal(torch.rand(3, device=CUDA), expected[1])
+    older = dict(state["rng"], cuda=[state["rng"]["cuda"]] * (torch.cuda.device_count() + 1))  # one GPU more
+    set_rng_state(older, CUDA)
+    assert torch.equal(torch.rand(3, device=CUDA), expected[1])
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_f1_f8_interrupted_gpu_run_resumes_bit_for_bit(tmp_path, corpus, monkeypatch, dtype):
+    """F1/F8: interrupted at step 3 on the GPU and resumed, the run logs the straight run's losses; with fp16
+    the gradient scaler's state is checkpointed and restored. Manual attention and dropout: exact and random."""
+    common = ["--train.max_steps", "6", "--train.eval_interval", "2", "--train.dtype", dtype,
+              "--model.attn_impl", "manual", "--model.dropout", "0.1"]
+    run(tmp_path / "straight", corpus, *common)
+    original, calls = BatchLoader.next_batch, {"n": 0}
+
+    def next_batch_with_interrupt(self):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self)
+
+    monkeypatch.setattr(BatchLoader, "next_batch", next_batch_with_interrupt)
+    run(tmp_path / "resumed", corpus, *common)
+    monkeypatch.setattr(BatchLoader, "next_batch", original)
+    run(tmp_path / "resumed", corpus, *common, "--train.resume", "auto")
+    assert train_losses(tmp_path / "resumed") == train_losses(tmp_path / "straight")
+    straight = load_checkpoint(tmp_path / "straight" / "checkpoints" / "latest.pt")
+    resumed = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "latest.pt")
+    assert ("scaler" in straight) == (dtype == "float16") and straight.get("scaler") == resumed.get("scaler")
+
+
+# ---------------------------------------------------------------- the fused loss on CUDA
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("sizes", [dict(chunk_rows=16, block_rows=5), {}], ids=["small-blocks", "default"])
+def test_fused_loss_equals_cross_entropy_on_gpu(precision, sizes, no_tf32):
+    """`_softmax.out` and the in-place block updates on CUDA: the loss and gradients of F.cross_entropy."""
+    torch.manual_seed(0)
+    hidden = torch.randn(61, 24, device=CUDA, requires_grad=True)
+    weight = torch.randn(97, 24, device=CUDA, requires_grad=True)
+    targets = torch.randint(0, 97, (61,), device=CUDA)
+    targets[::5] = -100
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16")
+    with autocast:
+        reference = F.cross_entropy((hidden @ weight.T).float(), targets, ignore_index=-100)
+    expected = torch.autograd.grad(reference, (hidden, weight))
+    with autocast:
+        fused = linear_cross_entropy(hidden, weight, targets, **sizes)
+    got = torch.autograd.grad(fused, (hidden, weight))
+    tolerance = dict(atol=1e-5, rtol=1e-4) if precision == "fp32" else dict(atol=2e-3, rtol=2e-2)
+    torch.testing.assert_close(fused, reference, **tolerance)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, **tolerance)
+
+
+def test_f4_a_micro_step_never_waits_for_the_gpu():
+    """F4: no hidden host-device sync in move_to + forward + fused loss + backward."""
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=50257, context_length=256, d_model=256, n_layer=2, n_head=4)).to(CUDA)
+    x, y = torch.randint(0, 50257, (8, 256)), torch.randint(0, 50257, (8, 256))
+
+    def micro_step():
+        batch = move_to((x, y), CUDA)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(batch[0], targets=batch[1])
+        loss.backward()
+
+    micro_step()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        micro_step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+def test_an_evaluation_pass_needs_less_memory_than_a_training_step():
+    """Evaluation through the fused loss at GPT-2 124M's shapes (16 x 1024, bf16): no (B, T, V) logits, so its
+    peak stays under a training step's and under the plain evaluation's."""
+    config = ModelConfig.preset("gpt2-124m")
+    x = torch.randint(0, config.vocab_size, (16, 1024), device=CUDA)
+    y = torch.randint(0, config.vocab_size, (16, 1024), device=CUDA)
+    model = GPT(config).to(CUDA)
+    optimizer = AdamW(model.parameters(), lr=1e-4)
+    peaks = {}
+    for name in ("train", "eval", "eval-plain"):
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        with torch.autocast("cuda", dtype=torch.bfloat16), torch.set_grad_enabled(name == "train"):
+            if name == "eval-plain":
+                F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten())
+            else:
+                loss = model(x, targets=y)
+        if name == "train":
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            del loss
+        torch.cuda.synchronize()
+        peaks[name] = (torch.cuda.max_memory_allocated() - base) / 2**20
+    record("eval_memory", **{f"{name}_peak_mib": round(peak) for name, peak in peaks.items()},
+           shape="gpt2-124m, 16 x 1024, bf16; MiB over the weights and optimizer state already allocated")
+    assert peaks["eval"] < peaks["train"] and peaks["eval"] < peaks["eval-plain"]
+
+
+# ---------------------------------------------------------------- attention kernels and generation
+
+
+@pytest.mark.parametrize("style", [{}, LLAMA_STYLE], ids=["gpt2", "llama"])
+def test_training_attention_runs_on_flash(style):
+    """Training (no mask, is_causal) is eligible for flash attention in bf16; fails loudly if it is not."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    model = GPT(ModelConfig(vocab_size=1000, context_length=128, d_model=256, n_layer=2, n_head=4, **style)).to(CUDA)
+    x, y = torch.randint(0, 1000, (4, 128), device=CUDA), torch.randint(0, 1000, (4, 128), device=CUDA)
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION), torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model.train()(x, targets=y)
+    loss.backward()
+
+
+@pytest.mark.parametrize("style", [{}, LLAMA_STYLE], ids=["gpt2", "llama"])
+def test_generation_on_gpu_cache_equals_no_cache_with_left_padding(style, no_tf32):
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=300, context_length=64, d_model=64, n_layer=2, n_head=4, **style)).to(CUDA)
+    prompts = [[5, 6, 7, 8, 9], [11, 12]]
+    assert generate(model, prompts, 12, use_cache=True) == generate(model, prompts, 12, use_cache=False)
+
+
+# ---------------------------------------------------------------- precision, optimizer, reports
+
+
+def test_f5_auto_precision_is_bf16_only_where_it_is_native():
+    """F5: on sm < 80 bf16 is only emulated; auto must pick fp16 there."""
+    expected = torch.bfloat16 if torch.cuda.get_device_capability() >= (8, 0) else torch.float16
+    assert pick_autocast_dtype("auto", CUDA) == expected
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_adamw_multi_tensor_path_on_gpu_equals_the_loop_and_torch(dtype):
+    """Multi-tensor path on CUDA = per-parameter loop (exactly) = torch.optim.AdamW (closely)."""
+    shapes = [(300, 17), (17,), (64, 64), (5,)]
+    runs = {}
+    for name in ("foreach", "loop", "torch"):
+        torch.manual_seed(0)
+        params = [torch.randn(s, device=CUDA, dtype=dtype, requires_grad=True) for s in shapes]
+        kwargs = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+        opt = (AdamW(params, **kwargs, foreach=name == "foreach") if name != "torch"
+               else torch.optim.AdamW(params, **kwargs, foreach=False))
+        for step in range(3):
+            generator = torch.Generator(device=CUDA).manual_seed(step)
+            for p in params:
+                p.grad = torch.randn(p.shape, device=CUDA, dtype=dtype, generator=generator)
+            opt.step()
+        runs[name] = [p.detach().clone() for p in params]
+    for a, b, c in zip(runs["foreach"], runs["loop"], runs["torch"]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a, c)
+
+
+def test_f6_reported_peak_memory_covers_gpu_memory():
+    """F6: the reported peak memory is the GPU's when the run is on a GPU."""
+    block = torch.empty(2 << 30, dtype=torch.uint8, device=CUDA)
+    assert peak_memory_mib(CUDA) >= torch.cuda.max_memory_allocated(CUDA) / 2**20 >= 2048
+    del block
+
+
+def test_f7_measured_peak_is_below_the_published_peak():
+    """F7: the one measured matmul peak (training MFU and the bench share it) is a real peak: within the
+    published dense figure, and at least half of it."""
+    measured = matmul_peak_flops(CUDA, torch.bfloat16)
+    published = published_peak_flops(CUDA)
+    record("matmul_peak", measured_bf16_tflops=round(measured / 1e12, 1),
+           published_bf16_tflops=published["bf16"] / 1e12 if published else None)
+    if published is not None:
+        assert 0.5 * published["bf16"] <= measured <= 1.05 * published["bf16"]
+
+
+def test_f13_compiled_training_on_gpu_matches_eager(tmp_path, corpus):
+    """F13: a compiled run on CUDA trains, and its losses track the eager run's."""
+    common = ["--train.max_steps", "3", "--train.eval_interval", "3", "--train.dtype", "bfloat16"]
+    run(tmp_path / "eager", corpus, *common)
+    run(tmp_path / "compiled", corpus, *common, "--train.compile", "true")
+    for a, b in zip(train_losses(tmp_path / "eager"), train_losses(tmp_path / "compiled")):
+        assert math.isclose(a, b, rel_tol=2e-2)
+
+
+def test_f3_fused_loss_is_not_slower_than_plain_cross_entropy():
+    """F3: at GPT-2 124M's micro-batch (16 x 1024, bf16) the fused loss runs whole-chunk softmax blocks on a
+    GPU: no slower than 1.5x the plain loss (it does the same matmuls without the logits tensor)."""
+    torch.manual_seed(0)
+    n, d, v = 16 * 1024, 768, 50257
+    hidden = torch.randn(n, d, device=CUDA, requires_grad=True)
+    weight = (0.02 * torch.randn(v, d, device=CUDA)).requires_grad_()
+    targets = torch.randint(0, v, (n,), device=CUDA)
+
+    def step(loss_of) -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = loss_of()
+        loss.backward()
+
+    fused_ms = median_ms(lambda: step(lambda: linear_cross_entropy(hidden, weight, targets)))
+    plain_ms = median_ms(lambda: step(lambda: F.cross_entropy(F.linear(hidden, weight).float(), targets)))
+    record("fused_loss_speed", fused_ms=round(fused_ms, 2), plain_ms=round(plain_ms, 2),
+           shape="16 x 1024 rows, d 768, vocab 50257, bf16, forward + backward")
+    assert fused_ms <= 1.5 * plain_ms, f"fused {fused_ms:.1f} ms vs plain {plain_ms:.1f} ms"
