@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .checkpoint import load_checkpoint, load_model_state, resolve_checkpoint_path
-from .config import ModelConfig, Section
+from .config import ModelConfig, Section, check_choice
 from .data import ClassificationDataset, iterate_classification_eval
 from .errors import ConfigError, UserError
 from .files import json_lines
@@ -69,8 +69,7 @@ class ClassifierConfig(Section):
 
     def __post_init__(self) -> None:
         self._check_types()
-        if self.pooling not in POOLINGS:
-            raise ConfigError(f"classifier.pooling: must be one of {', '.join(POOLINGS)}; got {self.pooling!r}")
+        check_choice("classifier.pooling", self.pooling, POOLINGS)
         if self.max_length < 0:
             raise ConfigError(f"classifier.max_length: must not be negative, got {self.max_length}")
 
@@ -105,8 +104,7 @@ class GPTClassifier(nn.Module):
 
     def __init__(self, gpt: GPT, num_classes: int, pooling: str = "last", max_length: int | None = None) -> None:
         super().__init__()
-        if pooling not in POOLINGS:
-            raise UserError(f"classifier.pooling: must be one of {', '.join(POOLINGS)}; got {pooling!r}")
+        check_choice("classifier.pooling", pooling, POOLINGS)
         if num_classes < 2:
             raise UserError(f"a classifier needs at least two classes, got {num_classes}")
         max_length = max_length or gpt.config.context_length

@@ -84,9 +84,14 @@ def _parse_cli_value(section: str, name: str, text: str, annotation: Any) -> Any
     return text
 
 
-def _check_choice(section: str, name: str, value: str, choices: tuple[str, ...]) -> None:
+def check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    """A ConfigError naming `key` ("data.format") unless `value` is one of `choices`.
+
+    Every set of choices is checked by this one function, next to where the choices are
+    defined, both in the config section and in the library function that takes the value.
+    """
     if value not in choices:
-        raise ConfigError(f"{section}.{name}: must be one of {', '.join(choices)}; got {value!r}")
+        raise ConfigError(f"{key}: must be one of {', '.join(choices)}; got {value!r}")
 
 
 class Section:
@@ -175,11 +180,11 @@ class ModelConfig(Section):
             )
         if self.pos_emb == "rope" and self.head_dim % 2 != 0:
             raise ConfigError(f"model.pos_emb: rope needs an even head_dim, got {self.head_dim}")
-        _check_choice("model", "norm", self.norm, ("layernorm", "rmsnorm"))
-        _check_choice("model", "pos_emb", self.pos_emb, ("learned", "rope"))
-        _check_choice("model", "mlp", self.mlp, ("gelu", "swiglu"))
-        _check_choice("model", "attn_impl", self.attn_impl, ("manual", "sdpa"))
-        _check_choice("model", "loss_impl", self.loss_impl, ("plain", "fused"))
+        check_choice("model.norm", self.norm, ("layernorm", "rmsnorm"))
+        check_choice("model.pos_emb", self.pos_emb, ("learned", "rope"))
+        check_choice("model.mlp", self.mlp, ("gelu", "swiglu"))
+        check_choice("model.attn_impl", self.attn_impl, ("manual", "sdpa"))
+        check_choice("model.loss_impl", self.loss_impl, ("plain", "fused"))
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout: must be in [0, 1), got {self.dropout}")
         if self.norm_eps <= 0 or self.rope_theta <= 0:
@@ -270,8 +275,8 @@ class TrainConfig(Section):
             raise ConfigError(f"train.lr: must be positive, got {self.lr}")
         if self.min_lr > self.lr:
             raise ConfigError(f"train.min_lr: {self.min_lr} must not exceed train.lr ({self.lr})")
-        _check_choice("train", "schedule", self.schedule, ("cosine", "constant"))
-        _check_choice("train", "dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
+        check_choice("train.schedule", self.schedule, ("cosine", "constant"))
+        check_choice("train.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
 
 
 @dataclass

@@ -198,8 +198,8 @@ def test_group_by_length_batches_similar_lengths_and_resumes():
 
 @pytest.mark.parametrize("fields, message", [
     ({"format": "xml"}, "data.format: must be one of auto, tsv, csv, jsonl; got 'xml'"),
-    ({"header": "yes"}, "data.header: must be auto, true or false; got 'yes'"),
-    ({"balance": "oversample"}, "data.balance: must be none, downsample or weight; got 'oversample'"),
+    ({"header": "yes"}, "data.header: must be one of auto, true, false; got 'yes'"),
+    ({"balance": "oversample"}, "data.balance: must be one of none, downsample, weight; got 'oversample'"),
     ({"val_fraction": 0.0}, "data.val_fraction (0.0) and data.test_fraction (0.1) must be positive"),
     ({"val_fraction": 0.5, "test_fraction": 0.5}, "data.val_fraction (0.5) and data.test_fraction (0.5) must be"),
 ])

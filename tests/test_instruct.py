@@ -4,9 +4,15 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+import torch.nn.functional as F
 
 import finetune_instruct
+from gpt.config import ModelConfig
 from gpt.errors import UserError
+from gpt.model import GPT
+from gpt.prompts import format_example
+from gpt.tokenizer import get_tokenizer
 
 
 def write_records(path: Path, n: int = 40) -> None:
@@ -31,12 +37,40 @@ def test_script_end_to_end_on_a_tiny_model(tmp_path):
     ])
     assert code == 0
     report = json.loads((out / "report.json").read_text())
-    for side in ("before", "after"):
-        assert {"exact_match", "per_task", "response_loss"} <= set(report[side])
-        assert 0.0 <= report[side]["exact_match"] <= 1.0 and report[side]["examples"] == 4
-    assert report["after"]["response_loss"] < report["before"]["response_loss"]
     rows = [json.loads(line) for line in (out / "responses.jsonl").read_text().splitlines()]
-    assert len(rows) == 4 and {"expected", "before", "after"} <= set(rows[0])
+    test_records = [r for r in map(json.loads, data.read_text().splitlines()) if r["split"] == "test"]
+    assert [row["expected"] for row in rows] == [r["output"] for r in test_records]
+
+    # The untrained model, rebuilt: the preset seeded with train.seed (1337), scored independently.
+    torch.manual_seed(1337)
+    model = GPT(ModelConfig.preset("tiny")).eval()
+    tokenizer = get_tokenizer("gpt2")
+    answers, losses = [], []
+    for record in test_records:
+        prompt, full = format_example(record, "alpaca", tokenizer)
+        prompt_ids = tokenizer.encode(prompt, allowed_special="all")
+        response_ids = tokenizer.encode(full[len(prompt):], allowed_special="all")
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt_ids + response_ids[:-1]]))[0]  # (T, V)
+            losses += F.cross_entropy(logits[len(prompt_ids) - 1:], torch.tensor(response_ids), reduction="none").tolist()
+            ids = prompt_ids
+            for _ in range(4):  # greedy, stopping at the end of text
+                next_id = int(model(torch.tensor([ids]))[0, -1].argmax())
+                if next_id == tokenizer.eot_id:
+                    break
+                ids = ids + [next_id]
+        answers.append(tokenizer.decode(ids[len(prompt_ids):]))
+    assert [row["before"] for row in rows] == answers
+    assert abs(report["before"]["response_loss"] - sum(losses) / len(losses)) < 1e-4
+
+    def normalized(text: str) -> str:
+        return " ".join(text.lower().split())
+
+    for side in ("before", "after"):
+        hits = [normalized(row[side]) == normalized(row["expected"]) for row in rows]
+        assert report[side]["exact_match"] == sum(hits) / len(hits) and report[side]["examples"] == 4
+        assert report[side]["per_task"] == {"sort": sum(hits) / len(hits)}
+    assert report["after"]["response_loss"] < report["before"]["response_loss"]
     assert "| exact match (all) |" in (out / "report.md").read_text()
 
 

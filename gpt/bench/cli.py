@@ -9,6 +9,7 @@ report is rewritten after each config, so a long run keeps what it has measured.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import contextlib
 import datetime
 import gc
@@ -88,10 +89,8 @@ def _choices(flag: str, text: str, known: Sequence[str] | dict[str, Any]) -> lis
 
 def require_transformers() -> None:
     """The bench measures against transformers, which only the `bench` extra installs."""
-    try:
-        import transformers  # noqa: F401
-    except ImportError:
-        raise UserError('python -m gpt bench needs transformers: pip install -e ".[bench]"') from None
+    if importlib.util.find_spec("transformers") is None:
+        raise UserError('python -m gpt bench needs transformers: pip install -e ".[bench]"')
 
 
 # ----------------------------------------------------------------------------

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..config import Section
+from ..config import Section, check_choice
 from ..errors import ConfigError, UserError
 from ..tokenizer import Tokenizer
 
@@ -266,12 +266,9 @@ class ClassificationDataConfig(Section):
 
     def __post_init__(self) -> None:
         self._check_types()
-        if self.format not in CLASSIFICATION_FORMATS:
-            raise ConfigError(f"data.format: must be one of {', '.join(CLASSIFICATION_FORMATS)}; got {self.format!r}")
-        if self.header not in HEADER_CHOICES:
-            raise ConfigError(f"data.header: must be auto, true or false; got {self.header!r}")
-        if self.balance not in BALANCE_CHOICES:
-            raise ConfigError(f"data.balance: must be none, downsample or weight; got {self.balance!r}")
+        check_choice("data.format", self.format, CLASSIFICATION_FORMATS)
+        check_choice("data.header", self.header, HEADER_CHOICES)
+        check_choice("data.balance", self.balance, BALANCE_CHOICES)
         split_off = [fraction for fraction, path in ((self.val_fraction, self.val_path),
                                                      (self.test_fraction, self.test_path)) if not path]
         if any(fraction <= 0 for fraction in split_off) or sum(split_off) >= 1:

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..config import check_choice
 from ..errors import UserError
 from ..files import json_lines
 
@@ -68,8 +69,7 @@ def read_labeled_texts(
         if not file_format:
             raise UserError(f"{path}: cannot tell the format from the suffix {path.suffix!r}; "
                             "set data.format to tsv, csv or jsonl")
-    if file_format not in CLASSIFICATION_FORMATS:
-        raise UserError(f"data.format: must be one of {', '.join(CLASSIFICATION_FORMATS)}; got {file_format!r}")
+    check_choice("data.format", file_format, CLASSIFICATION_FORMATS)
     text = _read_utf8_file(path)
     if file_format == "jsonl":
         examples = list(_labeled_jsonl(path, text, text_column or "text", label_column or "label"))
@@ -125,8 +125,7 @@ def _labeled_rows(
     header: str,
 ) -> Iterator[LabeledText]:
     """LabeledTexts from table rows: find the header and the two columns, then check each row."""
-    if header not in HEADER_CHOICES:
-        raise UserError(f"data.header: must be auto, true or false; got {header!r}")
+    check_choice("data.header", header, HEADER_CHOICES)
     first = next(rows, None)
     if first is None:
         return
