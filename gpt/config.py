@@ -394,14 +394,6 @@ def build_config(
     return resolved
 
 
-def load_config(
-    sections: dict[str, type[Section]], config_path: str | Path | None, override_args: list[str]
-) -> dict[str, Section]:
-    """The whole three-layer resolution for a script: defaults, `--config FILE`, `--section.field value`."""
-    toml = read_toml(config_path) if config_path else {}
-    return build_config(sections, toml, parse_overrides(override_args))
-
-
 def save_config_json(config: dict[str, Section], path: str | Path) -> None:
     """Write the resolved config as JSON (the run folder's `config.json`)."""
     write_json(path, {name: s.to_dict() for name, s in config.items()})

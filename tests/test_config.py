@@ -5,7 +5,7 @@ import json
 import pytest
 
 from gpt.config import (
-    DataConfig, ModelConfig, TrainConfig, build_config, load_config, parse_overrides, save_config_json,
+    DataConfig, ModelConfig, TrainConfig, build_config, parse_overrides, read_toml, save_config_json,
 )
 from gpt.errors import ConfigError
 
@@ -51,7 +51,8 @@ def test_int_is_accepted_for_float_fields():
 def test_toml_then_command_line_overrides(tmp_path):
     path = tmp_path / "run.toml"
     path.write_text('[model]\npreset = "tiny"\nn_layer = 3\n\n[train]\nlr = 1e-3\nmax_steps = 50\n')
-    config = load_config(SECTIONS, path, ["--model.n_layer", "2", "--train.compile=true", "--data.stride", "64"])
+    config = build_config(SECTIONS, read_toml(path),
+                          parse_overrides(["--model.n_layer", "2", "--train.compile=true", "--data.stride", "64"]))
     assert config["model"].n_layer == 2  # command line beats the file
     assert config["model"].d_model == 256  # from the preset
     assert config["train"].lr == 1e-3 and config["train"].max_steps == 50  # from the file
@@ -80,9 +81,9 @@ def test_bad_toml_names_the_file(tmp_path):
     path = tmp_path / "broken.toml"
     path.write_text("[model\nn_layer = 2\n")
     with pytest.raises(ConfigError, match="broken.toml: invalid TOML"):
-        load_config(SECTIONS, path, [])
+        read_toml(path)
     with pytest.raises(ConfigError, match="missing.toml: config file not found"):
-        load_config(SECTIONS, tmp_path / "missing.toml", [])
+        read_toml(tmp_path / "missing.toml")
 
 
 def test_resolved_config_round_trips_through_json(tmp_path):

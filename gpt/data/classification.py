@@ -163,15 +163,6 @@ class ClassificationDataset(Dataset):
             self.ids[row, :len(kept)] = torch.as_tensor(kept, dtype=torch.int64)
         self.labels = torch.as_tensor(np.asarray(labels, dtype=np.int64))  # (N,)
 
-    @classmethod
-    def from_texts(cls, texts: Sequence[str], labels: Sequence[int], tokenizer: Tokenizer, max_length: int,
-                   pad_id: int | None = None) -> ClassificationDataset:
-        """Tokenize `texts` (special-token text stays ordinary text); pad with `pad_id`, by default the
-        tokenizer's padding token or else its end-of-text token (padding is never attended to)."""
-        if pad_id is None:
-            pad_id = tokenizer.padding_id
-        return cls(tokenizer.encode_batch(list(texts)), labels, max_length, pad_id)
-
     def __len__(self) -> int:
         return len(self.labels)
 
