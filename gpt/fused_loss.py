@@ -184,11 +184,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
             raise RuntimeError("linear_cross_entropy: backward can run only once per forward")
         grad_hidden, grad_weight, n = ctx.grads
         ctx.grads = None
-        scale = grad_output / n
+        scale = grad_output / n  # a float32 0-d tensor: multiplying a bf16 gradient by it scales in float32
         if grad_hidden is not None:
-            grad_hidden.mul_(scale.to(grad_hidden.dtype))
+            grad_hidden.mul_(scale)
         if grad_weight is not None:
-            grad_weight.mul_(scale.to(grad_weight.dtype))
+            grad_weight.mul_(scale)
         return grad_hidden, grad_weight, None, None, None, None
 
 

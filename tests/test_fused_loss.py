@@ -85,6 +85,27 @@ def test_the_workspace_is_reused_across_sizes_and_dtypes():
             torch.testing.assert_close(g, e, **tolerance)
 
 
+def test_bf16_gradients_are_scaled_in_float32():
+    """Backward divides the kept gradients by the number of counted targets. With 1020 of them, 1/1020 in bf16
+    is 0.39% off, so the division must happen in float32, rounded to bf16 once. The same 1024 rows once with
+    the last 4 targets ignored (n = 1020) and once all counted (n = 1024, an exact power of two): the first
+    1020 rows' unscaled bf16 gradients are the same, so the n = 1020 gradient must be exactly
+    bf16(float32(unscaled) / 1020)."""
+    torch.manual_seed(0)
+    hidden = torch.randn(1024, 20, requires_grad=True)
+    weight = torch.randn(30, 20)
+    all_counted = torch.randint(0, 30, (1024,))
+    last_ignored = all_counted.clone()
+    last_ignored[1020:] = -100
+    grads = []
+    for targets in (last_ignored, all_counted):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = linear_cross_entropy(hidden, weight, targets)
+        grads.append(torch.autograd.grad(loss, hidden)[0][:1020])
+    unscaled = grads[1] * 1024  # exact: a power of two (the gradient is bf16 inside, float32 once back at hidden)
+    assert torch.equal(grads[0], (unscaled * (torch.tensor(1.0) / 1020)).to(torch.bfloat16).float())
+
+
 def test_backward_twice_is_an_error():
     """Backward scales the kept gradients in place, so a second pass would silently double-scale them."""
     hidden = torch.randn(5, 8, requires_grad=True)
