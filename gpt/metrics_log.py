@@ -12,9 +12,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .checkpoint import atomic_write
 from .config import TrainConfig
 from .errors import UserError
+from .files import write_text
 from .runtime import Runtime
 
 
@@ -47,7 +47,7 @@ class MetricsLog:
         """On resume, forget what an interrupted run logged after its last checkpoint (rewritten atomically)."""
         kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
                 if line.strip() and json.loads(line).get("step", 0) <= step]
-        atomic_write(self.path, lambda f: f.write("".join(line + "\n" for line in kept).encode()))
+        write_text(self.path, "".join(line + "\n" for line in kept))
 
     def log(self, record: dict[str, Any]) -> None:
         """Append one record (and send its numbers to W&B / TensorBoard as `split/name`)."""

@@ -13,7 +13,6 @@ import importlib.util
 import contextlib
 import datetime
 import gc
-import json
 import os
 import platform
 import shlex
@@ -26,6 +25,7 @@ from typing import Any
 import torch
 
 from ..errors import UserError
+from ..files import write_json
 from ..runtime import enable_tf32, matmul_peak_flops, pick_device, published_peak_flops
 from .contenders import (
     BENCH_CONFIGS, CONTENDERS, PRECISION_DTYPES, build_trainee, export_for_transformers, flops_per_token,
@@ -222,7 +222,7 @@ def run_bench(argv: Sequence[str]) -> dict[str, Any]:
             report["configs"][name] = bench_config_run(name, args, device, report["peak_flops"], Path(work_dir))
             print(format_config(name, report["configs"][name]), flush=True)
             if args.out:  # after each config, so a long run keeps what it has measured
-                Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+                write_json(args.out, report)
     return report
 
 
