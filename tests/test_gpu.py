@@ -170,11 +170,13 @@ def test_f4_a_micro_step_never_waits_for_the_gpu():
         loss.backward()
 
     micro_step()
-    torch.cuda.set_sync_debug_mode("error")
+    model.zero_grad(set_to_none=True)
+    torch.cuda.set_sync_debug_mode("error")  # any host-device sync now raises
     try:
         micro_step()
     finally:
         torch.cuda.set_sync_debug_mode(0)
+    assert all(p.grad is not None for p in model.parameters())  # the whole step ran
 
 
 def test_an_evaluation_pass_needs_less_memory_than_a_training_step():
