@@ -100,29 +100,30 @@ def main(argv: list[str] | None = None) -> int:
         task = classifier_task(model, datasets, splits.labels, train_cfg, runtime, class_weight=weights,
                                group_by_length=data_cfg.group_by_length, info=info, tokenizer=loaded.tokenizer_name)
         result = train(task, train_cfg, runtime, {name: s.to_dict() for name, s in config.items()})
-    if not runtime.is_main or result.interrupted:  # an interrupted run has said how to resume
-        return 0
+        runtime.leave_process_group()  # the rest is rank 0's alone
+        if not runtime.is_main or result.interrupted:  # an interrupted run has said how to resume
+            return result.exit_code
 
-    final = best_weights(model, runtime.out_dir, runtime.device, lora_body=model.gpt if lora else None)
-    after = report["after"] = evaluate_classifier(model, datasets, splits.labels, eval_batch_size, runtime.device,
-                                                  runtime.autocast())
-    threshold = after["tuned_threshold"]["threshold"] if "tuned_threshold" in after else None
-    save_checkpoint(final, model, tokenizer=loaded.tokenizer_name, step=result.steps, train_config=train_cfg.to_dict(),
-                    classifier=classifier_info(splits.labels, classifier_cfg.pooling, max_length, pad_id,
-                                               threshold=threshold))
-    report["run"] = {
-        "model": loaded.description, "trains": trains, "trainable": train_cfg.trainable,
-        "trainable_parameters": trainable_parameters, "total_parameters": total_parameters,
-        "split_sizes": {name: len(d) for name, d in datasets.items()}, "max_length": max_length,
-        "steps": result.steps, "stopped_early": result.stopped_early, "train_seconds": result.train_seconds,
-        "wall_seconds": time.perf_counter() - started, "peak_memory_mib": peak_memory_mib(runtime.device),
-    }
-    write_reports(runtime.out_dir, report, splits.labels)
-    print(summary_line("after training (test split)", after, splits.labels))
-    print(f"{result.steps} steps, {result.train_seconds:.0f} s of training, {report['run']['wall_seconds']:.0f} s "
-          f"in all; peak memory {report['run']['peak_memory_mib']:,.0f} MiB; wrote {runtime.out_dir / 'report.md'} "
-          f"and {final}")
-    return 0
+        final = best_weights(model, runtime.out_dir, runtime.device, lora_body=model.gpt if lora else None)
+        after = report["after"] = evaluate_classifier(model, datasets, splits.labels, eval_batch_size, runtime.device,
+                                                      runtime.autocast())
+        threshold = after["tuned_threshold"]["threshold"] if "tuned_threshold" in after else None
+        save_checkpoint(final, model, tokenizer=loaded.tokenizer_name, step=result.steps, train_config=train_cfg.to_dict(),
+                        classifier=classifier_info(splits.labels, classifier_cfg.pooling, max_length, pad_id,
+                                                   threshold=threshold))
+        report["run"] = {
+            "model": loaded.description, "trains": trains, "trainable": train_cfg.trainable,
+            "trainable_parameters": trainable_parameters, "total_parameters": total_parameters,
+            "split_sizes": {name: len(d) for name, d in datasets.items()}, "max_length": max_length,
+            "steps": result.steps, "stopped_early": result.stopped_early, "train_seconds": result.train_seconds,
+            "wall_seconds": time.perf_counter() - started, "peak_memory_mib": peak_memory_mib(runtime.device),
+        }
+        write_reports(runtime.out_dir, report, splits.labels)
+        print(summary_line("after training (test split)", after, splits.labels))
+        print(f"{result.steps} steps, {result.train_seconds:.0f} s of training, {report['run']['wall_seconds']:.0f} s "
+              f"in all; peak memory {report['run']['peak_memory_mib']:,.0f} MiB; wrote {runtime.out_dir / 'report.md'} "
+              f"and {final}")
+        return 0
 
 
 if __name__ == "__main__":

@@ -96,25 +96,26 @@ def main(argv: list[str] | None = None) -> int:
             print(f"trains: {trains}; {describe_parameters(model)}")
         task = instruct_task(model, datasets, train_cfg, runtime, loaded.tokenizer_name)
         result = train(task, train_cfg, runtime, {name: s.to_dict() for name, s in config.items()})
-    if not runtime.is_main or result.interrupted:  # an interrupted run has said how to resume
-        return 0
+        runtime.leave_process_group()  # the rest is rank 0's alone
+        if not runtime.is_main or result.interrupted:  # an interrupted run has said how to resume
+            return result.exit_code
 
-    final = best_weights(model, runtime.out_dir, runtime.device, lora_body=model if lora else None)
-    save_checkpoint(final, model, tokenizer=loaded.tokenizer_name, step=result.steps, template=data_cfg.template)
-    after, after_answers = evaluate_test()
-    run = {"model": loaded.description, "trainable": train_cfg.trainable, "trains": trains,
-           "trainable_parameters": trainable_parameters, "template": data_cfg.template,
-           "mask_prompt": data_cfg.mask_prompt, "steps": result.steps,
-           "wall_seconds": round(time.perf_counter() - started, 1),
-           "peak_memory_mib": round(peak_memory_mib(runtime.device))}
-    write_reports(runtime.out_dir, before, after, answer_rows(splits["test"], before_answers, after_answers), run)
-    print(f"after training:  exact match {after['exact_match']:.3f} (before {before['exact_match']:.3f}), "
-          f"response loss {after['response_loss']:.4f} (before {before['response_loss']:.4f})")
-    print("per task: " + ", ".join(f"{t} {before['per_task'].get(t, 0):.2f}->{v:.2f}"
-                                   for t, v in after["per_task"].items()))
-    print(f"wall time {run['wall_seconds']:.0f} s, peak memory {run['peak_memory_mib']:,} MiB; "
-          f"report: {runtime.out_dir / 'report.md'}")
-    return 0
+        final = best_weights(model, runtime.out_dir, runtime.device, lora_body=model if lora else None)
+        save_checkpoint(final, model, tokenizer=loaded.tokenizer_name, step=result.steps, template=data_cfg.template)
+        after, after_answers = evaluate_test()
+        run = {"model": loaded.description, "trainable": train_cfg.trainable, "trains": trains,
+               "trainable_parameters": trainable_parameters, "template": data_cfg.template,
+               "mask_prompt": data_cfg.mask_prompt, "steps": result.steps,
+               "wall_seconds": round(time.perf_counter() - started, 1),
+               "peak_memory_mib": round(peak_memory_mib(runtime.device))}
+        write_reports(runtime.out_dir, before, after, answer_rows(splits["test"], before_answers, after_answers), run)
+        print(f"after training:  exact match {after['exact_match']:.3f} (before {before['exact_match']:.3f}), "
+              f"response loss {after['response_loss']:.4f} (before {before['response_loss']:.4f})")
+        print("per task: " + ", ".join(f"{t} {before['per_task'].get(t, 0):.2f}->{v:.2f}"
+                                       for t, v in after["per_task"].items()))
+        print(f"wall time {run['wall_seconds']:.0f} s, peak memory {run['peak_memory_mib']:,} MiB; "
+              f"report: {runtime.out_dir / 'report.md'}")
+        return 0
 
 
 if __name__ == "__main__":

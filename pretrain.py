@@ -21,7 +21,7 @@ import torch
 
 from gpt.config import DataConfig, ModelConfig, Section, TrainConfig, save_config_json
 from gpt.data import pretraining_windows
-from gpt.errors import UserError, run_cli
+from gpt.errors import ConfigError, UserError, run_cli
 from gpt.scripts import parse_script_args
 from gpt.generate import generate
 from gpt.model import GPT
@@ -44,6 +44,10 @@ class SampleConfig(Section):
 
     def __post_init__(self) -> None:
         self._check_types()
+        if not self.prompt:
+            raise ConfigError("sample.prompt: must not be empty")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"sample.max_new_tokens: must be at least 1, got {self.max_new_tokens}")
 
 
 SECTIONS: dict[str, type[Section]] = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig,
@@ -62,13 +66,17 @@ def main(argv: list[str] | None = None) -> int:
     _, config = parse_script_args(sys.argv[1:] if argv is None else argv, description=__doc__, sections=SECTIONS,
                                   default_config=DEFAULT_CONFIG)
     model_cfg, train_cfg, data_cfg, sample_cfg = (config[k] for k in ("model", "train", "data", "sample"))
+    tokenizer = get_tokenizer("gpt2")
+    if model_cfg.vocab_size < tokenizer.n_vocab:
+        raise UserError(f"model.vocab_size: {model_cfg.vocab_size} is smaller than the GPT-2 tokenizer's {tokenizer.n_vocab}")
+    prompt_tokens = len(tokenizer.encode(sample_cfg.prompt))
+    if prompt_tokens >= model_cfg.context_length:
+        raise UserError(f"sample.prompt: {prompt_tokens} tokens leave no room in model.context_length "
+                        f"{model_cfg.context_length}")
+    # Bad data stops here, before a run folder exists (the windows depend on no random state).
+    train_set, val_set = pretraining_windows(data_cfg.path, model_cfg.context_length, tokenizer, data_cfg.val_fraction,
+                                             data_cfg.stride, vocab_size=model_cfg.vocab_size)
     with setup_runtime(train_cfg, "pretrain") as runtime:
-        tokenizer = get_tokenizer("gpt2")
-        if model_cfg.vocab_size < tokenizer.n_vocab:
-            raise UserError(f"model.vocab_size: {model_cfg.vocab_size} is smaller than the GPT-2 tokenizer's {tokenizer.n_vocab}")
-
-        train_set, val_set = pretraining_windows(data_cfg.path, model_cfg.context_length, tokenizer, data_cfg.val_fraction,
-                                                 data_cfg.stride)
         model = GPT(model_cfg)
         if runtime.is_main:
             save_config_json(config, runtime.out_dir / "config.json")
@@ -84,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"final validation loss {result.last_val['loss']:.4f}, perplexity {result.last_val['ppl']:.2f} "
                   f"(best {result.best_val_loss:.4f}); {result.steps} steps, "
                   f"{result.tokens_per_s:,.0f} tokens/s over {result.train_seconds:.0f} s of training")
-    return 0
+    return result.exit_code  # non-zero when a signal stopped the run (after saving it)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,8 @@
 """Exact resume: which checkpoint a run continues from, and the random state it saves and restores.
 
+`--train.resume auto` continues from the run folder's checkpoints/latest.pt (or starts
+fresh when there is none yet); a damaged latest.pt falls back to best.pt with a message.
+
 A training checkpoint holds, besides model and optimizer, every random number generator
 the run draws from (`rng_state`): torch's CPU generator, python's `random`, numpy's
 global generator and, on CUDA, the generator of the run's own device. Only the run's own
@@ -13,12 +16,14 @@ A checkpoint may be loaded onto any device, but generator states must be CPU ten
 from __future__ import annotations
 
 import random
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from .checkpoint import load_checkpoint
 from .errors import UserError
 
 
@@ -35,6 +40,28 @@ def find_resume_checkpoint(resume: str, out_dir: Path) -> Path | None:
     if not path.exists():
         raise UserError(f"train.resume: checkpoint {path} not found")
     return path
+
+
+def load_resume_checkpoint(resume: str, out_dir: Path) -> tuple[dict[str, Any], Path] | None:
+    """The checkpoint a run continues from, loaded (None: start fresh), and its path.
+
+    With `auto`, a damaged latest.pt (a disk error, a copy cut short) falls back to the
+    run's best.pt, with a message (the damaged file stays until the next checkpoint replaces it).
+    A damaged checkpoint named explicitly is an error.
+    """
+    path = find_resume_checkpoint(resume, out_dir)
+    if path is None:
+        return None
+    try:
+        return load_checkpoint(path), path
+    except UserError as damaged:
+        best = path.with_name("best.pt")
+        if resume != "auto" or not best.is_file():
+            raise
+        state = load_checkpoint(best)  # a damaged best.pt too: its own error
+        print(f"[{damaged}; resuming from {best} (step {state['step']}) instead; the next checkpoint replaces "
+              f"{path.name}]", file=sys.stderr)
+        return state, best
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:

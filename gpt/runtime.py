@@ -7,9 +7,10 @@ when it is done:
         ...                       # data for runtime.rank / runtime.world_size, model, train()
 
 `setup_runtime` picks the device and the autocast precision, joins the process group
-under `torchrun`, creates the run folder, switches on TF32 (CUDA) or glibc's keeping of
-freed memory (CPU), and seeds every random number generator. Leaving the `with` block
-leaves the process group.
+under `torchrun`, claims the run folder (gpt.run_folder: created, locked, checked),
+switches on TF32 (CUDA) or glibc's keeping of freed memory (CPU), and seeds every random
+number generator. Leaving the `with` block leaves the process group (if the script has
+not left it already, to finish alone on rank 0) and unlocks the run folder.
 
 The trainer and `python -m gpt bench` share the machine's figures from here:
 `matmul_peak_flops` (the measured matmul peak MFU divides by), `published_peak_flops`
@@ -36,6 +37,7 @@ import torch.distributed as dist
 
 from .config import TrainConfig
 from .errors import UserError
+from .run_folder import RunFolder, claim_run_folder
 
 MiB = 2**20
 
@@ -44,18 +46,35 @@ MiB = 2**20
 # ----------------------------------------------------------------------------
 
 
-def pick_device(name: str = "auto") -> torch.device:
-    """`auto` -> cuda if available, else mps, else cpu; anything else as given."""
+def pick_device(name: str = "auto", key: str = "train.device") -> torch.device:
+    """`auto` -> cuda if available, else mps, else cpu; anything else as given, if this machine has it.
+
+    A device that does not parse, that this torch cannot use (cuda without a GPU or a CUDA
+    build, mps off Apple silicon) or a cuda:N beyond the visible GPUs is a UserError naming
+    `key` (the flag or config field the name came from) and the devices there are.
+    """
+    mps_available = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
+        return torch.device("mps" if mps_available else "cpu")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    available = ", ".join(["cpu", *(["cuda"] if gpus else []), *(f"cuda:{i}" for i in range(gpus)),
+                           *(["mps"] if mps_available else []), "auto"])
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
-        raise UserError(f"train.device: unknown device {name!r}") from None
+        raise UserError(f"{key}: unknown device {name!r}; available here: {available}") from None
+    if device.type == "cuda" and not gpus:
+        why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise UserError(f"{key}: {name!r} is not available ({why}); available here: {available}")
+    if device.type == "cuda" and device.index is not None and device.index >= gpus:
+        raise UserError(f"{key}: {name!r} does not exist: {gpus} CUDA GPU(s) are visible; available here: {available}")
+    if device.type == "mps" and not mps_available:
+        raise UserError(f"{key}: 'mps' is not available (it needs Apple silicon); available here: {available}")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"{key}: unknown device {name!r}; available here: {available}")
+    return device
 
 
 def pick_autocast_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -137,6 +156,7 @@ class Runtime:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    folder: RunFolder | None = None  # rank 0's claim on out_dir
 
     @property
     def is_main(self) -> bool:
@@ -152,13 +172,20 @@ class Runtime:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
-    def close(self, wait_for_others: bool = True) -> None:
-        """Leave the process group. Normally all together, after a barrier (a process that exits while
-        others still talk to it aborts them); after an error at once, since the others may never get there."""
+    def leave_process_group(self, wait_for_others: bool = True) -> None:
+        """Leave the process group (the other processes may end; rank 0 may go on alone). Normally all
+        together, after a barrier (a process that exits while others still talk to it aborts them); after
+        an error at once, since the others may never get there."""
         if self.distributed and dist.is_initialized():
             if wait_for_others:
                 dist.barrier()
             dist.destroy_process_group()
+
+    def close(self, wait_for_others: bool = True) -> None:
+        """Leave the process group if still in it, and unlock the run folder."""
+        self.leave_process_group(wait_for_others)
+        if self.folder is not None:
+            self.folder.release()
 
     def __enter__(self) -> Runtime:
         return self
@@ -188,15 +215,14 @@ def setup_runtime(cfg: TrainConfig, script: str) -> Runtime:
             dist.init_process_group(backend="nccl", device_id=device)
         else:
             dist.init_process_group(backend="gloo")
-    out_dir = Path(cfg.out_dir or f"runs/{script}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if rank == 0:
-        (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    folder = claim_run_folder(cfg, script) if rank == 0 else None
+    out_dir = folder.path if folder is not None else Path(cfg.out_dir)
     dtype = pick_autocast_dtype(cfg.dtype, device)
     if device.type == "cpu" and cfg.keep_freed_memory and keep_freed_memory() and rank == 0:
         print("[train.keep_freed_memory: glibc's malloc keeps freed memory for reuse]", file=sys.stderr)
     enable_tf32(device)
     seed_everything(cfg.seed)
-    return Runtime(device, dtype, out_dir, rank, world_size, local_rank)
+    return Runtime(device, dtype, out_dir, rank, world_size, local_rank, folder)
 
 
 # ----------------------------------------------------------------------------

@@ -14,6 +14,7 @@ A script is a thin command line over the library. Each one
 from __future__ import annotations
 
 import argparse
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ from .config import ModelConfig, Section, TrainConfig, build_config, parse_overr
 from .errors import ConfigError, UserError
 from .lora import apply_lora, count_parameters, merge_lora
 from .model import GPT
+from .runtime import pick_device
 from .tokenizer import get_tokenizer
 from .weights import LoadedModel, is_preset_name, load_model_and_tokenizer
 
@@ -50,7 +52,8 @@ def parse_script_args(
     Without `model_help` the script takes no `--model`. When the script has a [model]
     section, `--model` with a preset name (tiny, gpt2-124m, ...) stands for that section
     built from the preset, and `--model.*` overrides are refused for a pretrained model,
-    which keeps its own shape.
+    which keeps its own shape. Every value is checked here, `train.device` against the
+    devices this machine has included, so a mistake stops the script before any work.
     """
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=config_epilog(sections))
@@ -71,7 +74,11 @@ def parse_script_args(
             key = next(iter(overrides["model"]))
             raise UserError(f"--model.{key}: model.* settings apply to a model from scratch only; "
                             f"{source} keeps its own config")
-    return source, build_config(sections, toml, overrides)
+    config = build_config(sections, toml, overrides)
+    train = config.get("train")
+    if isinstance(train, TrainConfig):
+        pick_device(train.device)  # a device this machine lacks stops the script here, before any work
+    return source, config
 
 
 def load_model(source: str, model_cfg: ModelConfig | None = None, seed: int = 0) -> LoadedModel:
@@ -174,6 +181,9 @@ def best_weights(model: nn.Module, out_dir: Path, device: torch.device, lora_bod
     best = out_dir / "checkpoints" / "best.pt"
     if best.exists():
         load_model_state(model, load_checkpoint(best, map_location=device)["model"], best)
+    else:
+        print(f"[{best} does not exist (no evaluation was usable): the final weights are the last ones]",
+              file=sys.stderr)
     if lora_body is not None:
         merge_lora(lora_body)
     return out_dir / "checkpoints" / "final.pt"

@@ -12,11 +12,16 @@ does, for each optimizer step:
     log to metrics.jsonl (+ progress bar, W&B, TensorBoard)                  RunReport.step
     every eval_interval steps: validation loss and perplexity, latest/best  evaluate_and_checkpoint
     checkpoints, early stopping on the validation loss
-    on SIGINT/SIGTERM: save the latest checkpoint and stop                   stop_requested
+    on SIGINT/SIGTERM: save the latest checkpoint and stop                   _StopSignal
+
+"best" is only ever a finite validation loss no more than DIVERGED_FACTOR times the
+untrained model's: a run that blows up does not save its blown-up weights as its best.
+An interrupted run reports the signal (`TrainResult.exit_code`: 130 for Ctrl-C, 143 for
+SIGTERM), and a second Ctrl-C during a checkpoint write waits for the write to finish.
 
 Checkpoints hold everything a run needs to continue bit for bit: model, optimizer,
 gradient scaler (fp16), step, RNG states (gpt.resume), data position, best loss and
-patience. Under `torchrun` the model is wrapped in DistributedDataParallel; gradients
+patience, and the counters metrics.jsonl reports (tokens seen, training time). Under `torchrun` the model is wrapped in DistributedDataParallel; gradients
 are synced on the last micro-step only, and rank 0 alone logs and writes checkpoints.
 """
 
@@ -38,13 +43,13 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .checkpoint import load_checkpoint, load_model_state, save_checkpoint
+from .checkpoint import load_model_state, save_checkpoint
 from .config import TrainConfig
 from .errors import UserError
 from .metrics_log import MetricsLog
 from .model import GPT
 from .optim import AdamW, clip_grad_norm, lr_at, param_groups
-from .resume import find_resume_checkpoint, rng_state, set_rng_state
+from .resume import load_resume_checkpoint, rng_state, set_rng_state
 from .runtime import Runtime, matmul_peak_flops
 
 # ----------------------------------------------------------------------------
@@ -87,9 +92,21 @@ class TrainResult:
     best_val_loss: float
     last_val: dict[str, float]
     stopped_early: bool
-    interrupted: bool
+    stop_signal: int | None  # the signal that interrupted the run (saved first), or None
     train_seconds: float
     tokens_per_s: float
+
+    @property
+    def interrupted(self) -> bool:
+        return self.stop_signal is not None
+
+    @property
+    def exit_code(self) -> int:
+        """0, or what a shell reports for a process ended by the signal: 130 for SIGINT, 143 for SIGTERM."""
+        return 128 + self.stop_signal if self.stop_signal is not None else 0
+
+
+DIVERGED_FACTOR = 2.0  # a validation loss above this times the untrained model's is never "best"
 
 
 class TrainingStopped(UserError):
@@ -111,37 +128,39 @@ class RunState:
     scaler: torch.amp.GradScaler  # enabled for float16 autocast only
     loss_fn: Callable[[nn.Module, Any], torch.Tensor]
     trainable: list[torch.Tensor]
+    stop: _StopSignal
     step: int = 0
     best_val_loss: float = math.inf
+    initial_val_loss: float = math.inf  # the untrained model's (step 0)
     evals_without_improvement: int = 0
     last_val: dict[str, float] = field(default_factory=dict)
     tokens_seen: int = 0
     train_seconds: float = 0.0
 
 
-def start_run(task: TrainTask, cfg: TrainConfig, runtime: Runtime) -> tuple[RunState, Path | None]:
-    """The model on its device with optimizer and gradient scaler, resumed when asked; returns the run
-    and the checkpoint it resumed from (None for a fresh start)."""
+def start_run(task: TrainTask, cfg: TrainConfig, runtime: Runtime, stop: _StopSignal) -> RunState:
+    """The model on its device with optimizer and gradient scaler, resumed when asked."""
     model = task.model.to(runtime.device)
     optimizer = AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.autocast_dtype == torch.float16)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    run = RunState(model, model, optimizer, scaler, task.loss, trainable)
-    resume_path = find_resume_checkpoint(cfg.resume, runtime.out_dir)
-    if resume_path is not None:
-        restore(run, task, resume_path, runtime)
+    run = RunState(model, model, optimizer, scaler, task.loss, trainable, stop)
+    resume_from = load_resume_checkpoint(cfg.resume, runtime.out_dir)
+    if resume_from is not None:
+        restore(run, task, *resume_from, runtime)
     if runtime.distributed:
         device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
-        run.ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        # Buffers (RoPE tables, causal masks) are derived from the config, the same on every rank: not resent.
+        run.ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
     if cfg.compile:
         run.loss_fn = torch.compile(task.loss)
     model.train()
-    return run, resume_path
+    return run
 
 
-def restore(run: RunState, task: TrainTask, path: Path, runtime: Runtime) -> None:
-    """Continue from a checkpoint: weights, optimizer, gradient scaler, data position, counters, RNG states."""
-    state = load_checkpoint(path)  # onto the CPU; load_state_dict copies to the parameters' device
+def restore(run: RunState, task: TrainTask, state: dict[str, Any], path: Path, runtime: Runtime) -> None:
+    """Continue from a checkpoint (loaded onto the CPU; load_state_dict copies to the parameters' device):
+    weights, optimizer, gradient scaler, data position, counters, RNG states."""
     load_model_state(run.model, state["model"], path)
     run.optimizer.load_state_dict(state["optimizer"])
     if state.get("scaler"):  # fp16 runs only; checkpoints from before it was saved have none
@@ -149,6 +168,9 @@ def restore(run: RunState, task: TrainTask, path: Path, runtime: Runtime) -> Non
     task.train_batches.load_state_dict(state["data"])
     run.step, run.best_val_loss = state["step"], state["best_val_loss"]
     run.evals_without_improvement = state["evals_without_improvement"]
+    # Checkpoints from before these were saved have none: the counters then restart.
+    run.initial_val_loss = state.get("initial_val_loss", math.inf)
+    run.tokens_seen, run.train_seconds = state.get("tokens_seen", 0), state.get("train_seconds", 0.0)
     set_rng_state(state["rng"], runtime.device)
     if runtime.is_main:
         print(f"[resumed from {path} at step {run.step}]", file=sys.stderr)
@@ -159,13 +181,15 @@ def save(run: RunState, name: str, task: TrainTask, cfg: TrainConfig, runtime: R
     if not runtime.is_main:
         return
     scaler = {"scaler": run.scaler.state_dict()} if run.scaler.is_enabled() else {}
-    save_checkpoint(
-        runtime.out_dir / "checkpoints" / f"{name}.pt", run.model, tokenizer=task.tokenizer,
-        optimizer=run.optimizer.state_dict(), step=run.step, rng=rng_state(runtime.device),
-        data=task.train_batches.state_dict(), best_val_loss=run.best_val_loss,
-        evals_without_improvement=run.evals_without_improvement, train_config=cfg.to_dict(),
-        **scaler, **task.checkpoint_extra,
-    )
+    with run.stop.finish_writes_first():
+        save_checkpoint(
+            runtime.out_dir / "checkpoints" / f"{name}.pt", run.model, tokenizer=task.tokenizer,
+            optimizer=run.optimizer.state_dict(), step=run.step, rng=rng_state(runtime.device),
+            data=task.train_batches.state_dict(), best_val_loss=run.best_val_loss,
+            initial_val_loss=run.initial_val_loss, evals_without_improvement=run.evals_without_improvement,
+            tokens_seen=run.tokens_seen, train_seconds=run.train_seconds, train_config=cfg.to_dict(),
+            **scaler, **task.checkpoint_extra,
+        )
 
 
 # ----------------------------------------------------------------------------
@@ -256,9 +280,9 @@ def optimizer_step(run: RunState, task: TrainTask, cfg: TrainConfig, runtime: Ru
 class RunReport:
     """What a run tells, on rank 0: metrics.jsonl (+ W&B, TensorBoard), the progress bar, messages."""
 
-    def __init__(self, run: RunState, cfg: TrainConfig, runtime: Runtime, run_config: dict[str, Any], resumed: bool):
+    def __init__(self, run: RunState, cfg: TrainConfig, runtime: Runtime, run_config: dict[str, Any]):
         self.cfg, self.runtime = cfg, runtime
-        self.log = MetricsLog(runtime, cfg, run_config, run.step if resumed else None)
+        self.log = MetricsLog(runtime, cfg, run_config, run.step)
         self.peak_flops = matmul_peak_flops(runtime.device, runtime.autocast_dtype) if runtime.is_main else 0.0
         self.flops_per_token_at: dict[int | None, float] = {}  # sequence length -> model FLOPs per token
         self.progress = tqdm(total=cfg.max_steps, initial=run.step, desc="train", disable=not runtime.is_main,
@@ -311,7 +335,14 @@ def evaluate_and_checkpoint(
 ) -> bool:
     """Validation, the latest checkpoint (and the best, when the loss improved); True when patience ran out."""
     run.last_val = evaluate(run.model, task, runtime)
-    improved = run.last_val["loss"] < run.best_val_loss
+    loss = run.last_val["loss"]
+    diverged = not math.isfinite(loss) or loss > DIVERGED_FACTOR * run.initial_val_loss
+    improved = not diverged and loss < run.best_val_loss
+    if diverged:
+        why = "not finite" if not math.isfinite(loss) else (
+            f"over {DIVERGED_FACTOR:g} times the untrained model's {run.initial_val_loss:.4g}")
+        report.say(f"step {run.step}: validation loss {loss:.4g} is {why}: the run has diverged, and these "
+                   f"weights are not kept as the best (try a lower train.lr)")
     if improved:
         run.best_val_loss, run.evals_without_improvement = run.last_val["loss"], 0
     else:
@@ -328,10 +359,12 @@ def evaluate_and_checkpoint(
 
 class _StopSignal:
     """SIGINT/SIGTERM set a flag; the loop saves a checkpoint at the next step boundary and exits.
-    A second Ctrl-C interrupts at once."""
+    A second Ctrl-C interrupts at once, or, during a checkpoint write, as soon as the write is done."""
 
     def __init__(self) -> None:
         self.requested = False
+        self.signum: int | None = None
+        self._writing = self._interrupt_after_write = False
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> _StopSignal:
@@ -342,23 +375,39 @@ class _StopSignal:
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
+            if not self._writing:
+                raise KeyboardInterrupt
+            self._interrupt_after_write = True
+            print("\n[finishing the checkpoint write first]", file=sys.stderr)
+            return
+        self.requested, self.signum = True, self.signum or signum
         print(f"\n[{signal.Signals(signum).name}: saving a checkpoint at the end of this step, then stopping]",
               file=sys.stderr)
+
+    @contextlib.contextmanager
+    def finish_writes_first(self) -> Any:
+        """Within this block a second Ctrl-C waits until the block is done (a checkpoint is never cut short)."""
+        self._writing = True
+        try:
+            yield
+        finally:
+            self._writing = False
+        if self._interrupt_after_write:
+            raise KeyboardInterrupt
 
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
 
-def stop_requested(stop: _StopSignal, runtime: Runtime) -> bool:
-    """Whether a stop signal reached any process: all of them stop together, or the others would hang."""
-    if runtime.distributed:
-        flag = torch.tensor(float(stop.requested), device=runtime.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        stop.requested = bool(flag.item())
-    return stop.requested
+def any_process(flag: bool, runtime: Runtime) -> bool:
+    """Whether `flag` is true in any process: a decision to stop is taken by all of them together,
+    or the others would hang in their next collective."""
+    if not runtime.distributed:
+        return flag
+    tensor = torch.tensor(float(flag), device=runtime.device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
 
 
 # ----------------------------------------------------------------------------
@@ -371,28 +420,31 @@ def train(task: TrainTask, cfg: TrainConfig, runtime: Runtime, run_config: dict[
 
     The runtime stays open: the script that opened it closes it (and so leaves the process group).
     """
-    run, resume_path = start_run(task, cfg, runtime)
-    report = RunReport(run, cfg, runtime, run_config, resumed=resume_path is not None)
-    stopped_early = interrupted = False
+    stop = _StopSignal()
+    run = start_run(task, cfg, runtime, stop)
+    report = RunReport(run, cfg, runtime, run_config)
+    stopped_early, stop_signal = False, None
     try:
-        with _StopSignal() as stop:
+        with stop:
             if run.step == 0:  # the untrained model's validation loss, the baseline of the curve
                 run.last_val = evaluate(run.model, task, runtime)
+                run.initial_val_loss = run.last_val["loss"]
                 report.validation(run, lr=0.0, improved=False)
             while run.step < cfg.max_steps:
                 stats = optimizer_step(run, task, cfg, runtime)
                 report.step(run, stats)
                 if run.step % cfg.eval_interval == 0 or run.step == cfg.max_steps:
-                    stopped_early = evaluate_and_checkpoint(run, task, cfg, runtime, report, stats.lr)
+                    patience_ran_out = evaluate_and_checkpoint(run, task, cfg, runtime, report, stats.lr)
+                    stopped_early = any_process(patience_ran_out, runtime)
                     if stopped_early:
                         break
-                if stop_requested(stop, runtime):
+                if any_process(stop.requested, runtime):
                     save(run, "latest", task, cfg, runtime)
                     report.say(f"stopped at step {run.step}; resume with --train.resume auto "
                                f"--train.out_dir {runtime.out_dir}")
-                    interrupted = True
+                    stop_signal = stop.signum or signal.SIGTERM  # without one here, another process got it
                     break
     finally:
         report.close()
-    return TrainResult(run.step, run.best_val_loss, run.last_val, stopped_early, interrupted, run.train_seconds,
+    return TrainResult(run.step, run.best_val_loss, run.last_val, stopped_early, stop_signal, run.train_seconds,
                        run.tokens_seen / max(run.train_seconds, 1e-9))

@@ -40,8 +40,8 @@ def corpus(tmp_path_factory) -> Path:
     return path
 
 
-def run(out_dir: Path, corpus: Path, *extra: str) -> None:
-    assert pretrain.main([*SMALL_RUN, "--data.path", str(corpus), "--train.out_dir", str(out_dir), *extra]) == 0
+def run(out_dir: Path, corpus: Path, *extra: str, exit_code: int = 0) -> None:
+    assert pretrain.main([*SMALL_RUN, "--data.path", str(corpus), "--train.out_dir", str(out_dir), *extra]) == exit_code
 
 
 def metrics(out_dir: Path, split: str) -> list[dict]:
@@ -61,7 +61,7 @@ def run_interrupted_then_resumed(out_dir: Path, corpus: Path, monkeypatch, step:
 
     with monkeypatch.context() as patch:
         patch.setattr(BatchLoader, "next_batch", next_batch_with_interrupt)
-        run(out_dir, corpus, *extra)
+        run(out_dir, corpus, *extra, exit_code=128 + signal.SIGINT)  # 130, as a shell reports Ctrl-C
     assert load_checkpoint(out_dir / "checkpoints" / "latest.pt")["step"] == step
     run(out_dir, corpus, *extra, "--train.resume", "auto")
 
