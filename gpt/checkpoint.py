@@ -42,7 +42,18 @@ def save_checkpoint(path: str | Path, model: GPT, tokenizer: str = "gpt2", **ext
         "tokenizer": tokenizer,
         **extra,
     }
-    atomic_write(path, lambda f: torch.save(state, f))
+    atomic_write(path, lambda f: torch.save(state, f), size_hint=tensor_bytes(state))
+
+
+def tensor_bytes(value: Any) -> int:
+    """The bytes of the tensors in a nest of dicts, lists and tuples (about a checkpoint's size on disk)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(tensor_bytes(v) for v in value)
+    return 0
 
 
 def resolve_checkpoint_path(path: str | Path, which: str = "best") -> Path:

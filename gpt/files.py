@@ -41,10 +41,11 @@ DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # no space, quota 
 
 
 @contextlib.contextmanager
-def atomic_target(path: str | Path) -> Iterator[Path]:
+def atomic_target(path: str | Path, size_hint: int = 0) -> Iterator[Path]:
     """A temporary path beside `path` to write to; when the block succeeds, the file is fsynced and
     renamed to `path` (a crash leaves the old file, never a truncated one); when it fails, it is removed,
-    and a full disk becomes a UserError naming `path`."""
+    and a full disk becomes a UserError naming `path` and the space needed (`size_hint` bytes, when the
+    writer knows about how much it writes)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path.parent, path.name)
@@ -62,7 +63,7 @@ def atomic_target(path: str | Path) -> Iterator[Path]:
         written = Path(tmp_name).stat().st_size if Path(tmp_name).exists() else 0
         Path(tmp_name).unlink(missing_ok=True)
         if is_disk_full(err):
-            raise disk_full_error(path, err, written) from None
+            raise disk_full_error(path, err, max(written, size_hint)) from None
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
@@ -82,12 +83,13 @@ def is_disk_full(err: BaseException) -> bool:
     return False
 
 
-def disk_full_error(path: Path, err: BaseException, written: int = 0) -> UserError:
-    """The message for a write that ran out of space: the path, the space it needs, the space left."""
-    needed = max(written, path.stat().st_size if path.is_file() else 0)
+def disk_full_error(path: Path, err: BaseException, needed: int = 0) -> UserError:
+    """The message for a write that ran out of space: the path, the space it needs (at least `needed`
+    bytes, or the size of the file it replaces), the space left."""
+    needed = max(needed, path.stat().st_size if path.is_file() else 0)
     free = shutil.disk_usage(path.parent).free
     previous = f"; the previous {path.name} is intact" if path.is_file() else ""
-    return UserError(f"{path}: no space left on the device (it needs at least {needed / MiB:,.1f} MiB, "
+    return UserError(f"{path}: no space left on the device (the file needs about {needed / MiB:,.1f} MiB, "
                      f"{free / MiB:,.1f} MiB are free there){previous}. Free some space and run again.")
 
 
@@ -114,9 +116,9 @@ def process_alive(pid: int) -> bool:
     return True
 
 
-def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any], size_hint: int = 0) -> None:
     """Call `write(file_object)` on a temporary file beside `path`, then put it in place atomically."""
-    with atomic_target(path) as tmp, open(tmp, "wb") as f:
+    with atomic_target(path, size_hint) as tmp, open(tmp, "wb") as f:
         write(f)
 
 

@@ -13,6 +13,9 @@ anything is written there, `claim_run_folder`
   config.json, report.json) unless it continues that run (`--train.resume auto`, or a
   checkpoint inside this folder);
 - removes the temporary files that writes killed mid-way left behind.
+
+The verbs that write files (`convert --out`, `evaluate --out`, `prepare --out`, `bench
+--out`) call `refuse_run_folder` on their output: they never write over a run's files.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from .files import remove_stale_temporaries
 
 LOCK_NAME = "run.lock"
 RUN_FILES = ("metrics.jsonl", "config.json", "report.json")  # besides checkpoints/*.pt
+RUN_OUTPUTS = (*RUN_FILES, "report.md", "responses.jsonl", LOCK_NAME)  # what a verb may not write over
 
 
 class RunFolder:
@@ -126,3 +130,19 @@ def refuse_other_runs(path: Path, resume: str) -> None:
             f"Continue that run with --train.resume auto --train.out_dir {path}, or start this one in a new folder "
             f"(another --train.out_dir, or none for a fresh runs/... name)"
         )
+
+
+def is_run_folder(path: Path) -> bool:
+    """Whether `path` is (or was) a training run's folder."""
+    return path.is_dir() and ((path / LOCK_NAME).exists() or bool(run_files(path)))
+
+
+def refuse_run_folder(path: Path, flag: str) -> None:
+    """A UserError naming `flag` when writing `path` (a folder, or a file) would write over a run's files:
+    the folder is a run folder, or the file is one of a run folder's own."""
+    path = Path(path)
+    if is_run_folder(path):
+        raise UserError(f"{flag}: {path} is a training run's folder ({', '.join(run_files(path)[:3]) or LOCK_NAME}); "
+                        f"write somewhere else")
+    if path.name in RUN_OUTPUTS and is_run_folder(path.parent):
+        raise UserError(f"{flag}: {path} belongs to the training run in {path.parent}; write somewhere else")

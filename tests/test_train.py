@@ -237,3 +237,27 @@ def test_command_line_errors_have_no_traceback(tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip().startswith("error: train.max_stepz: unknown field")
     assert "Traceback" not in done.stderr
+
+
+def _vote(rank: int, world_size: int, port: int, results) -> None:
+    """One process of a two-process group: rank 1 alone wants to stop."""
+    import torch.distributed as dist
+
+    from gpt.train import any_process
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        runtime = Runtime(torch.device("cpu"), torch.float32, Path("."), rank=rank, world_size=world_size)
+        results[rank] = (any_process(rank == 1, runtime), any_process(False, runtime))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_stop_wanted_by_one_process_is_taken_by_all():
+    """Early stopping and stop signals are decided together (F14): a rank whose evaluation alone says stop
+    must not leave the others waiting in their next collective."""
+    import torch.multiprocessing as mp
+
+    results = mp.Manager().dict()
+    mp.spawn(_vote, args=(2, 29541, results), nprocs=2, join=True)
+    assert dict(results) == {0: (True, False), 1: (True, False)}

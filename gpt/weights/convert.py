@@ -20,6 +20,7 @@ from pathlib import Path
 from ..checkpoint import load_checkpoint, model_from_checkpoint
 from ..errors import UserError
 from ..model import GPT
+from ..run_folder import refuse_run_folder
 from .hf import HF_CLASS, read_hf_config
 from .hf_export import hf_family, save_pretrained
 from .load import load_pretrained, source_kind
@@ -68,6 +69,7 @@ def convert_cli(argv: list[str]) -> int:
     out_dir = Path(args.out)
     if kind == "hf" and out_dir.resolve() == src.resolve():
         raise UserError(f"--out {out_dir} is the source folder; write the converted model somewhere else")
+    refuse_run_folder(out_dir, "--out")  # its config.json is the run's, not a Hugging Face one
 
     model, tokenizer_source = _load_with_tokenizer_source(kind, src)
     architecture = HF_CLASS[hf_family(model.config)]  # refuses a model transformers has no class for, before writing

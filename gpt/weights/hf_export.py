@@ -183,5 +183,6 @@ def _save_safetensors_atomically(path: Path, tensors: dict[str, torch.Tensor]) -
     """safetensors' save_file into a temporary file beside `path`, fsynced, then renamed to `path`
     (save_file wants a file name, so this uses `atomic_target` rather than `atomic_write`)."""
     safetensors = import_safetensors()
-    with atomic_target(path) as tmp:
+    size = sum(t.numel() * t.element_size() for t in tensors.values())
+    with atomic_target(path, size_hint=size) as tmp:
         safetensors.torch.save_file(tensors, str(tmp), metadata={"format": "pt"})
