@@ -75,6 +75,7 @@ def test_resume_continues_bit_for_bit(tmp_path, corpus, monkeypatch):
     assert [r["step"] for r in metrics(resumed, "train")] == list(range(1, 9))
     assert [r["loss"] for r in metrics(resumed, "train")] == [r["loss"] for r in metrics(straight, "train")]
     assert [r["loss"] for r in metrics(resumed, "val")] == [r["loss"] for r in metrics(straight, "val")]
+    assert [r["tokens"] for r in metrics(resumed, "train")] == [r["tokens"] for r in metrics(straight, "train")]
     a = load_checkpoint(straight / "checkpoints" / "latest.pt")["model"]
     b = load_checkpoint(resumed / "checkpoints" / "latest.pt")["model"]
     assert all(torch.equal(a[name], b[name]) for name in a)
@@ -261,3 +262,32 @@ def test_a_stop_wanted_by_one_process_is_taken_by_all():
     results = mp.Manager().dict()
     mp.spawn(_vote, args=(2, 29541, results), nprocs=2, join=True)
     assert dict(results) == {0: (True, False), 1: (True, False)}
+
+
+def test_a_diverged_validation_loss_is_never_the_best(tmp_path, corpus, monkeypatch, capsys):
+    """The first evaluation after training blows up (1e12; then nan): best.pt is not written from it."""
+    real_evaluate, losses = gpt.tasks.language_model_metrics, iter([None, 1e12, float("nan"), None])
+
+    def evaluate_that_diverges(*args, **kwargs):
+        loss = next(losses)
+        return real_evaluate(*args, **kwargs) if loss is None else {"loss": loss}
+
+    monkeypatch.setattr(gpt.tasks, "language_model_metrics", evaluate_that_diverges)
+    run(tmp_path, corpus, "--train.max_steps", "3", "--train.eval_interval", "1")
+    said = capsys.readouterr().out
+    assert "validation loss 1e+12 is over 2 times the untrained model's" in said and "is not finite" in said
+    best = load_checkpoint(tmp_path / "checkpoints" / "best.pt")
+    assert best["step"] == 3 and math.isfinite(best["best_val_loss"]) and best["best_val_loss"] < 20
+
+
+def test_a_damaged_latest_checkpoint_falls_back_to_best(tmp_path, corpus, capsys):
+    run(tmp_path, corpus, "--train.max_steps", "4", "--train.eval_interval", "2", "--train.patience", "0")
+    best_step = load_checkpoint(tmp_path / "checkpoints" / "best.pt")["step"]
+    latest = tmp_path / "checkpoints" / "latest.pt"
+    latest.write_bytes(latest.read_bytes()[:1000])  # cut short, as by a failing disk
+    run(tmp_path, corpus, "--train.max_steps", "6", "--train.eval_interval", "2", "--train.resume", "auto")
+    assert f"resuming from {tmp_path / 'checkpoints' / 'best.pt'} (step {best_step}) instead" in capsys.readouterr().err
+    assert load_checkpoint(latest)["step"] == 6
+    with pytest.raises(UserError, match="not a readable checkpoint"):  # named explicitly: no fallback
+        latest.write_bytes(b"garbage")
+        run(tmp_path, corpus, "--train.max_steps", "7", "--train.resume", str(latest))
