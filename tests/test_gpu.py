@@ -60,8 +60,8 @@ def no_tf32():
     torch.backends.cuda.matmul.allow_tf32 = before
 
 
-def run(out_dir: Path, corpus: Path, *extra: str) -> None:
-    assert pretrain.main([*SMALL_RUN, "--data.path", str(corpus), "--train.out_dir", str(out_dir), *extra]) == 0
+def run(out_dir: Path, corpus: Path, *extra: str, exit_code: int = 0) -> None:
+    assert pretrain.main([*SMALL_RUN, "--data.path", str(corpus), "--train.out_dir", str(out_dir), *extra]) == exit_code
 
 
 def train_losses(out_dir: Path) -> list[float]:
@@ -123,7 +123,7 @@ def test_f1_f8_interrupted_gpu_run_resumes_bit_for_bit(tmp_path, corpus, monkeyp
         return original(self)
 
     monkeypatch.setattr(BatchLoader, "next_batch", next_batch_with_interrupt)
-    run(tmp_path / "resumed", corpus, *common)
+    run(tmp_path / "resumed", corpus, *common, exit_code=128 + signal.SIGINT)
     monkeypatch.setattr(BatchLoader, "next_batch", original)
     run(tmp_path / "resumed", corpus, *common, "--train.resume", "auto")
     assert train_losses(tmp_path / "resumed") == train_losses(tmp_path / "straight")
@@ -288,6 +288,27 @@ def test_f13_compiled_training_on_gpu_matches_eager(tmp_path, corpus):
     run(tmp_path / "compiled", corpus, *common, "--train.compile", "true")
     for a, b in zip(train_losses(tmp_path / "eager"), train_losses(tmp_path / "compiled")):
         assert math.isclose(a, b, rel_tol=2e-2)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="DDP over NCCL needs two GPUs")
+def test_f14_two_gpu_ddp_matches_one_gpu_and_stops_early_together(tmp_path, corpus):
+    """F14: NCCL DDP (device_id given, buffers not broadcast) on two GPUs trains as one GPU with the doubled
+    batch; with patience 1 and a learning rate that makes validation worse, both ranks stop at the same step."""
+    import subprocess
+    import sys
+
+    common = ["--train.max_steps", "6", "--train.eval_interval", "1", "--train.dtype", "float32",
+              "--train.patience", "1", "--train.lr", "0.5", "--train.warmup_steps", "0"]
+    run(tmp_path / "single", corpus, *common, "--train.batch_size", "8")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29544",
+               str(REPO / "pretrain.py"), *SMALL_RUN, "--data.path", str(corpus), *common, "--train.batch_size", "4",
+               "--train.out_dir", str(tmp_path / "ddp")]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    single, ddp = train_losses(tmp_path / "single"), train_losses(tmp_path / "ddp")
+    assert len(single) == len(ddp) < 6  # stopped early, at the same step
+    for a, b in zip(single, ddp):
+        assert math.isclose(a, b, rel_tol=1e-3)  # TF32 is on in both
 
 
 def test_f3_fused_loss_is_not_slower_than_plain_cross_entropy():
