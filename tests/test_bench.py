@@ -121,10 +121,17 @@ def test_padded_vocabulary_is_a_multiple_of_64():
     assert MICRO.padded_vocab_size == 512
 
 
-@pytest.mark.parametrize("flag, value", [("--configs", "huge"), ("--precisions", "fp8"), ("--rounds", "0")])
+@pytest.mark.parametrize("flag, value", [("--configs", "huge"), ("--precisions", "fp8")])
 def test_bad_flags_name_the_flag(flag, value):
     with pytest.raises(UserError, match=flag):
         parse_args([flag, value])
+
+
+def test_bad_numbers_are_argparse_errors_naming_the_flag(capsys):
+    with pytest.raises(SystemExit) as exited:
+        parse_args(["--rounds", "0"])
+    assert exited.value.code == 2
+    assert "argument --rounds: must be at least 1, got 0" in capsys.readouterr().err
 
 
 def test_without_transformers_the_bench_says_how_to_install_it(monkeypatch, capsys):

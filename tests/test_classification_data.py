@@ -23,6 +23,7 @@ from gpt.data import (
     ClassificationDataset,
     LabeledText,
     Splits,
+    check_labels,
     class_weights,
     deduplicate_texts,
     describe_splits,
@@ -239,12 +240,47 @@ def test_read_splits_with_separate_val_and_test_files(tmp_path):
 
 
 def test_read_splits_refuses_a_label_training_never_saw(tmp_path):
-    train = write_tsv(tmp_path / "train.tsv", [("ham", "see you"), ("spam", "WIN cash")])
+    train = write_tsv(tmp_path / "train.tsv", [("ham", "see you"), ("spam", "WIN cash"), ("ham", "at lunch"),
+                                               ("spam", "claim prize")])  # two of each: no label is rare
     test = write_tsv(tmp_path / "test.tsv", [("ham", "hello"), ("maybe", "who knows")])
     cfg = ClassificationDataConfig(path=str(train), test_path=str(test), val_fraction=0.5)
     message = f"{test}, line 2: label 'maybe' never appears in the training data (training labels: ham, spam)"
     with pytest.raises(UserError, match=re.escape(message)):
         read_splits(cfg)
+
+
+def labelled(*labels: str) -> list[LabeledText]:
+    return [LabeledText(f"text {i}", label, f"d.tsv, line {i}") for i, label in enumerate(labels, start=1)]
+
+
+@pytest.mark.parametrize("labels, settings, message", [
+    (("ham", "spam", "ham", "spma", "spam"), {},
+     "the data: label 'spma' (1x: line 4) occurs fewer than data.min_label_count (2) times: a typo? Fix the file, "
+     "or accept rare labels with --data.min_label_count 1"),
+    (("a", "b", "a", "b", "c", "d", "d"), {"min_count": 3},
+     "labels 'c' (1x: line 5), 'a' (2x: line 1, line 3), 'b' (2x: line 2, line 4), 'd' (2x: line 6, line 7) occur "
+     "fewer than data.min_label_count (3) times"),
+    (("ham", "Ham", "ham", "spam", "spam", "ham", "Ham", "ham", "ham"), {},
+     "labels 'ham' (5x: line 1, line 3, line 6 and 2 more), 'Ham' (2x: line 2, line 7) differ only in case or "
+     "spacing; fix the file, or keep them as separate classes with --data.allow_label_variants true"),
+    (("not spam", "not  spam", "spam", "not spam", "spam", "not  spam"), {},
+     "labels 'not spam' (2x: line 1, line 4), 'not  spam' (2x: line 2, line 6) differ only in case or spacing"),
+])
+def test_check_labels_refuses_labels_that_look_like_mistakes(labels, settings, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        check_labels(labelled(*labels), **settings)
+
+
+def test_check_labels_accepts_what_it_is_told_to():
+    check_labels(labelled("ham", "spam", "ham", "spma", "spam"), min_count=1)
+    check_labels(labelled("ham", "Ham", "ham", "Ham"), allow_variants=True)
+    check_labels(labelled("1", "2", "10", "1", "2", "10"))  # integer labels are never variants of each other
+
+
+def test_the_shipped_data_passes_the_label_checks():
+    cfg = ClassificationDataConfig()  # finetune_classifier.py's defaults, and configs/classifier*.toml's file
+    data = Path(__file__).resolve().parents[1] / cfg.path
+    check_labels(deduplicate_texts(read_labeled_texts(data))[0], cfg.min_label_count, cfg.allow_label_variants)
 
 
 def test_read_splits_splits_one_file_by_class(tmp_path):

@@ -1,5 +1,7 @@
-"""The model-using verbs: generate, chat, evaluate (sliding-window perplexity, batch prompts), the verb table."""
+"""The model-using verbs: generate, chat, evaluate (sliding-window perplexity, batch prompts), the verb table,
+and the argument types every verb checks its values with (gpt.cli_args)."""
 
+import argparse
 import json
 import math
 import re
@@ -11,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from gpt import cli_args
 from gpt.checkpoint import save_checkpoint
 from gpt.config import ModelConfig
 from gpt.evaluate import sliding_window_loss
@@ -146,3 +149,65 @@ def test_model_vocab_smaller_than_tokenizer_is_rejected(tmp_path):
     save_checkpoint(tmp_path / "small.pt", small, tokenizer="gpt2")
     done = run_verb("generate", "--checkpoint", str(tmp_path / "small.pt"))
     assert done.returncode == 2 and "the tokenizer has 50257 tokens but the model only 1000" in done.stderr
+
+
+# ----------------------------------------------------------------------------
+# gpt.cli_args: values checked as argparse reads them
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("parse, text, expected", [
+    (cli_args.positive_int, "3", 3),
+    (cli_args.non_negative_int, "0", 0),
+    (cli_args.int_at_least(2), "2", 2),
+    (cli_args.seed, "4294967295", 4294967295),
+    (cli_args.non_negative_float, "0", 0.0),
+    (cli_args.probability, "1", 1.0),
+    (cli_args.probability, "1e-3", 0.001),
+    (cli_args.fraction, "0", 0.0),
+    (cli_args.non_empty_text, " ", " "),
+])
+def test_argument_types_accept_good_values(parse, text, expected):
+    assert parse(text) == expected
+
+
+@pytest.mark.parametrize("parse, text, message", [
+    (cli_args.positive_int, "0", "must be at least 1, got 0"),
+    (cli_args.positive_int, "2.5", "expected an integer, got '2.5'"),
+    (cli_args.non_negative_int, "-1", "must be at least 0, got -1"),
+    (cli_args.int_at_least(2), "1", "must be at least 2, got 1"),
+    (cli_args.seed, "4294967296", "must be below 2**32, got 4294967296"),
+    (cli_args.non_negative_float, "-0.5", "must not be negative, got -0.5"),
+    (cli_args.non_negative_float, "inf", "must be a finite number, got 'inf'"),
+    (cli_args.probability, "0", "must be in (0, 1], got 0"),
+    (cli_args.probability, "1.01", "must be in (0, 1], got 1.01"),
+    (cli_args.probability, "nan", "must be a finite number, got 'nan'"),
+    (cli_args.probability, "half", "expected a number, got 'half'"),
+    (cli_args.fraction, "1", "must be in [0, 1), got 1"),
+    (cli_args.non_empty_text, "", "must not be empty"),
+])
+def test_argument_types_refuse_bad_values(parse, text, message):
+    with pytest.raises(argparse.ArgumentTypeError, match=re.escape(message)):
+        parse(text)
+
+
+def test_path_argument_types(tmp_path):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file").write_text("x")
+    assert cli_args.existing_file(str(tmp_path / "file")) == tmp_path / "file"
+    assert cli_args.output_file(str(tmp_path / "file")) == tmp_path / "file"  # an existing file may be replaced
+    assert cli_args.output_file(str(tmp_path / "new" / "deeper" / "out.json"))  # missing folders can be made
+    assert cli_args.output_folder(str(tmp_path / "folder")) == tmp_path / "folder"
+    assert cli_args.output_folder(str(tmp_path / "new" / "tokens"))
+    refused = [
+        (cli_args.existing_file, tmp_path / "folder", "is a folder, not a file"),
+        (cli_args.existing_file, tmp_path / "missing", "missing: no such file"),
+        (cli_args.output_file, tmp_path / "folder", "folder is a folder; give a file name"),
+        (cli_args.output_file, tmp_path / "file" / "out.json", "file is a file, so no folder can be made there"),
+        (cli_args.output_folder, tmp_path / "file", "file is a file, not a folder"),
+        (cli_args.output_folder, tmp_path / "file" / "a" / "b", "file is a file, so no folder can be made there"),
+    ]
+    for parse, path, message in refused:
+        with pytest.raises(argparse.ArgumentTypeError, match=re.escape(message)):
+            parse(str(path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "folder"]  # checking created nothing

@@ -1,11 +1,14 @@
 """Config: presets, validation messages that name the field, TOML files and --section.field overrides."""
 
+import dataclasses
 import json
+import re
+import typing
 
 import pytest
 
 from gpt.config import (
-    DataConfig, ModelConfig, TrainConfig, build_config, parse_overrides, read_toml, save_config_json,
+    DataConfig, LoRAConfig, ModelConfig, TrainConfig, build_config, parse_overrides, read_toml, save_config_json,
 )
 from gpt.errors import ConfigError
 
@@ -84,6 +87,59 @@ def test_bad_toml_names_the_file(tmp_path):
         read_toml(path)
     with pytest.raises(ConfigError, match="missing.toml: config file not found"):
         read_toml(tmp_path / "missing.toml")
+
+
+def test_a_config_file_that_is_not_toml_names_the_file(tmp_path):
+    with pytest.raises(ConfigError, match="is a folder, not a TOML config file"):
+        read_toml(tmp_path)
+    binary = tmp_path / "model.toml"
+    binary.write_bytes(b"PK\x03\x04\xff\x00")
+    with pytest.raises(ConfigError, match=r"model\.toml: not a UTF-8 text file \(byte 4: 0xff\)"):
+        read_toml(binary)
+
+
+@pytest.mark.parametrize("toml", [{"train": 3}, {"train": "fast"}, {"model": [1, 2]}])
+def test_a_section_that_is_not_a_table_is_named(toml):
+    name = next(iter(toml))
+    with pytest.raises(ConfigError, match=rf"{name}: expected a table \[{name}\], got "):
+        build_config(SECTIONS, toml)
+
+
+FLOAT_FIELDS = [(cls, f.name) for cls in (ModelConfig, TrainConfig, DataConfig, LoRAConfig)
+                for f in dataclasses.fields(cls) if typing.get_type_hints(cls)[f.name] is float]
+
+
+@pytest.mark.parametrize("cls, name", FLOAT_FIELDS, ids=[f"{c.section_name}.{n}" for c, n in FLOAT_FIELDS])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_no_float_field_takes_nan_or_inf(cls, name, value):
+    with pytest.raises(ConfigError, match=rf"^{cls.section_name}\.{name}: must be a finite number, got {value}$"):
+        cls.from_dict({name: value})
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"beta1": 1.5}, "train.beta1: must be in [0, 1), got 1.5"),
+    ({"beta1": -0.1}, "train.beta1: must be in [0, 1), got -0.1"),
+    ({"beta2": 1}, "train.beta2: must be in [0, 1), got 1.0"),
+    ({"eps": -1}, "train.eps: must be positive, got -1.0"),
+    ({"eps": 0}, "train.eps: must be positive, got 0.0"),
+    ({"seed": -1}, "train.seed: must be in [0, 2**32), got -1"),
+    ({"seed": 2**32}, "train.seed: must be in [0, 2**32), got 4294967296"),
+])
+def test_train_config_checks_the_optimizer_and_the_seed(fields, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        TrainConfig(**fields)
+    assert TrainConfig(beta1=0.0, beta2=0.999, eps=1e-12, seed=2**32 - 1).beta2 == 0.999  # the edges that are fine
+
+
+@pytest.mark.parametrize("cls, fields, message", [
+    (ModelConfig, {"norm_eps": 0}, "model.norm_eps: must be positive, got 0.0"),
+    (ModelConfig, {"rope_theta": -1}, "model.rope_theta: must be positive, got -1.0"),
+    (LoRAConfig, {"rank": 0}, "lora.rank: must be positive, got 0"),
+    (LoRAConfig, {"alpha": -2}, "lora.alpha: must be positive, got -2.0"),
+])
+def test_each_positive_field_is_named_alone(cls, fields, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        cls(**fields)
 
 
 def test_resolved_config_round_trips_through_json(tmp_path):

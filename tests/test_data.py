@@ -21,12 +21,14 @@ from gpt.data import (
     CleanStats,
     SlidingWindowDataset,
     TokenFileDataset,
+    check_token_meta,
     clean_documents,
     dataset_stats,
     iterate_eval,
     join_documents,
     load_text_corpus,
     prepare,
+    pretraining_windows,
     prepare_cli,
     read_documents,
     split_documents,
@@ -400,6 +402,29 @@ def test_token_file_errors(tmp_path):
     (tmp_path / "short.bin").write_bytes(np.arange(5, dtype=np.uint16).tobytes())
     with pytest.raises(UserError, match=r"short\.bin has 5 tokens; one window of context_length 8 needs 9"):
         TokenFileDataset(tmp_path / "short.bin", 8)
+
+
+def test_token_folder_meta_is_checked_against_the_run(tmp_path, tokenizer):
+    meta = prepare(BOTCHAN, tmp_path, val_fraction=0.1, workers=1)
+    assert check_token_meta(tmp_path, "gpt2", 50257) == meta
+    train, val = pretraining_windows(tmp_path, 32, tokenizer, 0.1, vocab_size=50304)  # a padded vocabulary fits
+    assert isinstance(train, TokenFileDataset) and isinstance(val, TokenFileDataset)
+    with pytest.raises(UserError, match=r"meta\.json: vocab_size 50,257: token ids up to 50,256 do not fit the "
+                                        r"model's vocabulary \(model\.vocab_size 1,000\)"):
+        pretraining_windows(tmp_path, 32, tokenizer, 0.1, vocab_size=1000)
+    with pytest.raises(UserError, match=r"meta\.json: the tokens were written by the tokenizer 'gpt2', but this "
+                                        r"run uses 'SmolLM2\.gguf'"):
+        check_token_meta(tmp_path, "SmolLM2.gguf", 49152)
+
+    (tmp_path / "meta.json").write_text(json.dumps({**meta, "vocab_size": "50257"}))
+    with pytest.raises(UserError, match=r'meta\.json: vocab_size must be a int, got "50257"'):
+        check_token_meta(tmp_path, "gpt2", 50257)
+    (tmp_path / "meta.json").write_text("[1, 2")
+    with pytest.raises(UserError, match=r"meta\.json: not readable JSON \(JSONDecodeError"):
+        check_token_meta(tmp_path, "gpt2", 50257)
+    (tmp_path / "meta.json").unlink()  # as an interrupted prepare leaves the folder
+    with pytest.raises(UserError, match=r"meta\.json: missing, so the token files beside it are incomplete"):
+        pretraining_windows(tmp_path, 32, tokenizer, 0.1)
 
 
 # ---- statistics and command line ----------------------------------------------

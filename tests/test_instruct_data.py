@@ -60,8 +60,10 @@ def test_long_records_lose_prompt_from_the_left_or_are_dropped_and_counted():
 
 @pytest.mark.parametrize("fields, message", [
     ({"template": "vicuna"}, "data.template: unknown template 'vicuna'; known: "),
-    ({"max_length": 7}, "data.max_length must be at least 8"),
-    ({"eval_batch_size": 0}, "data.max_length must be at least 8"),
+    ({"max_length": 7}, "data.max_length: must be at least 8, got 7"),
+    ({"eval_batch_size": 0}, "data.eval_batch_size: must be at least 1, got 0"),
+    ({"test_fraction": -0.1}, "data.test_fraction: must be in [0, 1), got -0.1"),
+    ({"val_fraction": 0.5, "test_fraction": 0.5}, "data.val_fraction (0.5) and data.test_fraction (0.5) must sum"),
 ])
 def test_data_config_checks_its_fields(fields, message):
     with pytest.raises(ConfigError, match=re.escape(message)):

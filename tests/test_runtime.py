@@ -76,8 +76,15 @@ def test_peak_memory_on_cpu_is_the_peak_resident_set():
 def test_device_and_precision_choice():
     assert pick_device("cpu") == torch.device("cpu")
     assert pick_device("auto").type in ("cuda", "mps", "cpu")
-    with pytest.raises(UserError, match="train.device: unknown device 'gpu'"):
+    with pytest.raises(UserError, match="train.device: unknown device 'gpu'; available here: cpu"):
         pick_device("gpu")
+    with pytest.raises(UserError, match=r"--device: 'cuda:99' (is not available|does not exist)"):
+        pick_device("cuda:99", "--device")  # beyond the visible GPUs, or no CUDA at all
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match=r"train\.device: 'cuda' is not available \(.*\); available here: cpu"):
+            pick_device("cuda")
+    with pytest.raises(UserError, match="train.device: unknown device 'meta'"):
+        pick_device("meta")  # a device torch knows, but no place to train
     assert pick_autocast_dtype("float16", torch.device("cpu")) == torch.float16
     assert pick_autocast_dtype("auto", torch.device("cpu")) in (torch.bfloat16, torch.float32)
     assert pick_autocast_dtype("auto", torch.device("meta")) == torch.float32

@@ -3,7 +3,8 @@
     python -m gpt bench --configs tiny --rounds 2 --out bench.json
 
 Tables go to stdout after each config, progress lines to stderr; with `--out` the JSON
-report is rewritten after each config, so a long run keeps what it has measured.
+report is rewritten after each config, so a long run keeps what it has measured. Every
+argument, `--out` and `--device` included, is checked before anything is measured.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 
 import torch
 
+from .. import cli_args
 from ..errors import UserError
 from ..files import write_json
 from ..runtime import enable_tf32, matmul_peak_flops, pick_device, published_peak_flops
@@ -51,17 +53,23 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--precisions", default="fp32,bf16", help="comma list of fp32, bf16 (bf16 = autocast)")
     parser.add_argument("--parts", default="train,memory,generate", help="comma list of train, memory, generate")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd variants")
-    parser.add_argument("--rounds", type=int, default=5, help="timed rounds (the median is reported)")
-    parser.add_argument("--steps", type=int, default=2, help="training steps per contender per round")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed training steps per variant first")
-    parser.add_argument("--batch-size", type=int, default=0, help="training batch; 0 = the config's own")
+    parser.add_argument("--rounds", type=cli_args.positive_int, default=5, help="timed rounds (the median is reported)")
+    parser.add_argument("--steps", type=cli_args.positive_int, default=2, help="training steps per contender per round")
+    parser.add_argument("--warmup", type=cli_args.positive_int, default=2,
+                        help="untimed training steps per variant first")
+    parser.add_argument("--batch-size", type=cli_args.non_negative_int, default=0,
+                        help="training batch; 0 = the config's own")
     parser.add_argument("--gen-batch-sizes", default="1,8", help="comma list of generation batch sizes")
-    parser.add_argument("--prompt-length", type=int, default=16, help="generation prompt, random tokens")
-    parser.add_argument("--new-tokens", type=int, default=128, help="tokens each generation adds, exactly")
+    parser.add_argument("--prompt-length", type=cli_args.positive_int, default=16,
+                        help="generation prompt, random tokens")
+    parser.add_argument("--new-tokens", type=cli_args.positive_int, default=128,
+                        help="tokens each generation adds, exactly")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")
-    parser.add_argument("--seed", type=int, default=0, help="weights, batches and prompts")
-    parser.add_argument("--out", default="", help="also write the results as JSON to this file")
+    parser.add_argument("--threads", type=cli_args.non_negative_int, default=0,
+                        help="torch threads; 0 = torch's default")
+    parser.add_argument("--seed", type=cli_args.seed, default=0, help="weights, batches and prompts")
+    parser.add_argument("--out", type=cli_args.output_file, default=None,
+                        help="also write the results as JSON to this file")
     args = parser.parse_args(list(argv))
 
     args.configs = _choices("--configs", args.configs, BENCH_CONFIGS)
@@ -70,12 +78,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     args.parts = _choices("--parts", args.parts, ("train", "memory", "generate"))
     args.modes = ("eager", "compiled") if args.compile else ("eager",)
     try:
-        args.gen_batch_sizes = [int(b) for b in args.gen_batch_sizes.split(",")]
-    except ValueError:
-        raise UserError(f"--gen-batch-sizes: expected comma-separated integers, got {args.gen_batch_sizes!r}") from None
-    for name in ("rounds", "steps", "warmup", "prompt_length", "new_tokens"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')}: must be at least 1, got {getattr(args, name)}")
+        args.gen_batch_sizes = [cli_args.positive_int(b) for b in args.gen_batch_sizes.split(",")]
+    except argparse.ArgumentTypeError:
+        raise UserError(f"--gen-batch-sizes: expected comma-separated positive integers, "
+                        f"got {args.gen_batch_sizes!r}") from None
+    pick_device(args.device, "--device")
     return args
 
 
@@ -203,7 +210,7 @@ def run_bench(argv: Sequence[str]) -> dict[str, Any]:
     require_transformers()
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
+    device = pick_device(args.device, "--device")
     enable_tf32(device)
     quiet_transformers()
     # Every contender x precision adds a graph to the same forward's cache; never fall back to eager silently.

@@ -43,6 +43,7 @@ from .classification import (
     ClassificationDataset,
     DedupStats,
     Splits,
+    check_labels,
     class_weights,
     deduplicate_texts,
     describe_splits,
@@ -75,7 +76,7 @@ from .instruct import (
 )
 from .labeled_files import CLASSIFICATION_FORMATS, HEADER_CHOICES, LabeledText, read_labeled_texts
 from .loader import BatchLoader, SlidingWindowDataset, TokenFileDataset, iterate_eval, pretraining_windows
-from .token_files import TOKEN_DTYPE, prepare, prepare_cli, text_histogram, write_length_histogram
+from .token_files import TOKEN_DTYPE, check_token_meta, prepare, prepare_cli, text_histogram, write_length_histogram
 from .text import (
     DEFAULT_BLOCK_BYTES,
     DEFAULT_PIECE_CHARS,
@@ -111,6 +112,8 @@ __all__ = [
     "SlidingWindowDataset",
     "Splits",
     "TokenFileDataset",
+    "check_labels",
+    "check_token_meta",
     "class_weights",
     "clean_document",
     "clean_documents",

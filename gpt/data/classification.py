@@ -8,7 +8,8 @@
     ids, lengths, labels = loader.next_batch()   # (B, T) right-padded to the batch's longest text, (B,), (B,)
 
 The steps `read_splits` takes are usable alone: `deduplicate_texts` (the first copy
-of each text stays), `label_names` (class ids are positions in it),
+of each text stays), `check_labels` (labels that look like typos: too rare, or
+differing from another only in case or spacing), `label_names` (class ids are positions in it),
 `stratified_split` (per class, seeded), `downsample_classes` and `class_weights`
 (for `balance`). `ClassificationDataset` tokenizes and right-pads; the loaders trim
 each batch to its longest text (`trim_padding`).
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..config import Section, check_choice
+from ..config import Section, check_choice, check_seed
 from ..errors import ConfigError, UserError
 from ..tokenizer import Tokenizer
 
@@ -86,6 +87,42 @@ def label_names(labels: Iterable[str], source: str = "the data") -> list[str]:
 
 def _is_integer_text(text: str) -> bool:
     return text.lstrip("-").isdigit()
+
+
+def check_labels(examples: Sequence[LabeledText], min_count: int = 2, allow_variants: bool = False,
+                 source: str = "the data") -> None:
+    """Refuse labels that look like mistakes, before they become classes of their own.
+
+    Labels that differ only in case or spacing ("Ham" and "ham") are a UserError unless
+    `allow_variants`; so is a label with fewer than `min_count` examples (a typo such as
+    "spma" occurs once). The message names the labels and the lines they are on, and the
+    setting that accepts them.
+    """
+    lines: dict[str, list[str]] = {}
+    for example in examples:
+        lines.setdefault(example.label, []).append(example.source.rsplit(", ", 1)[-1])  # "line 7"
+
+    def where(label: str) -> str:
+        shown = lines[label][:3]
+        more = f" and {len(lines[label]) - len(shown)} more" if len(lines[label]) > len(shown) else ""
+        return f"{label!r} ({len(lines[label])}x: {', '.join(shown)}{more})"
+
+    if not allow_variants:
+        groups: dict[str, list[str]] = {}
+        for label in lines:
+            groups.setdefault(" ".join(label.split()).casefold(), []).append(label)
+        for variants in groups.values():
+            if len(variants) > 1:
+                variants.sort(key=lambda label: -len(lines[label]))  # the most common first
+                raise UserError(f"{source}: labels {', '.join(map(where, variants))} differ only in case or "
+                                "spacing; fix the file, or keep them as separate classes with "
+                                "--data.allow_label_variants true")
+    rare = sorted((label for label in lines if len(lines[label]) < min_count), key=lambda label: len(lines[label]))
+    if rare:
+        shown = ", ".join(map(where, rare[:5])) + (f" and {len(rare) - 5} more" if len(rare) > 5 else "")
+        raise UserError(f"{source}: label{'s' if len(rare) > 1 else ''} {shown} occur{'' if len(rare) > 1 else 's'} "
+                        f"fewer than data.min_label_count ({min_count}) times: a typo? Fix the file, or accept rare "
+                        "labels with --data.min_label_count 1")
 
 
 def stratified_split(
@@ -254,12 +291,19 @@ class ClassificationDataConfig(Section):
                                                            "smallest) | weight (class-weighted loss)"})
     group_by_length: bool = field(default=False, metadata={"help": "training batches of texts of similar length "
                                                                    "(less padding, faster)"})
+    min_label_count: int = field(default=2, metadata={"help": "a label with fewer examples in data.path is an error "
+                                                              "(a typo such as 'spma'?); 1 accepts any"})
+    allow_label_variants: bool = field(default=False, metadata={"help": "accept labels that differ only in case or "
+                                                                        "spacing (Ham, ham) as separate classes"})
 
     def __post_init__(self) -> None:
         self._check_types()
         check_choice("data.format", self.format, CLASSIFICATION_FORMATS)
         check_choice("data.header", self.header, HEADER_CHOICES)
         check_choice("data.balance", self.balance, BALANCE_CHOICES)
+        check_seed("data.seed", self.seed)
+        if self.min_label_count < 1:
+            raise ConfigError(f"data.min_label_count: must be at least 1, got {self.min_label_count}")
         split_off = [fraction for fraction, path in ((self.val_fraction, self.val_path),
                                                      (self.test_fraction, self.test_path)) if not path]
         if any(fraction <= 0 for fraction in split_off) or sum(split_off) >= 1:
@@ -296,6 +340,7 @@ def read_splits(cfg: ClassificationDataConfig) -> Splits:
 
     examples, note = read(cfg.path)
     notes = [note]
+    check_labels(examples, cfg.min_label_count, cfg.allow_label_variants, cfg.path)
     labels = label_names((e.label for e in examples), cfg.path)
     separate = {name: path for name, path in (("val", cfg.val_path), ("test", cfg.test_path)) if path}
     val_fraction = 0.0 if "val" in separate else cfg.val_fraction

@@ -140,8 +140,15 @@ class InstructDataConfig(Section):
         self._check_types()
         if self.template not in TEMPLATES:
             raise ConfigError(f"data.template: unknown template {self.template!r}; known: {', '.join(TEMPLATES)}")
-        if self.max_length < 8 or self.max_new_tokens < 1 or self.eval_batch_size < 1:
-            raise ConfigError("data.max_length must be at least 8, data.max_new_tokens and data.eval_batch_size at least 1")
+        for name, minimum in (("max_length", 8), ("max_new_tokens", 1), ("eval_batch_size", 1)):
+            if getattr(self, name) < minimum:
+                raise ConfigError(f"data.{name}: must be at least {minimum}, got {getattr(self, name)}")
+        for name in ("val_fraction", "test_fraction"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"data.{name}: must be in [0, 1), got {getattr(self, name)}")
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ConfigError(f"data.val_fraction ({self.val_fraction}) and data.test_fraction ({self.test_fraction}) "
+                              "must sum to less than 1")
 
 
 def split_records(records: list[dict[str, Any]], cfg: InstructDataConfig) -> dict[str, list[dict[str, Any]]]:

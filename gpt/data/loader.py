@@ -26,6 +26,7 @@ from ..errors import UserError
 from ..tokenizer import Tokenizer
 from .corpus import load_text_corpus
 from .text import PathLike
+from .token_files import check_token_meta
 
 # ----------------------------------------------------------------------------
 # Next-token windows
@@ -93,15 +94,19 @@ class TokenFileDataset(SlidingWindowDataset):
 
 
 def pretraining_windows(path: PathLike, context_length: int, tokenizer: Tokenizer, val_fraction: float,
-                        stride: int = 0) -> tuple[SlidingWindowDataset, SlidingWindowDataset]:
+                        stride: int = 0, vocab_size: int | None = None,
+                        ) -> tuple[SlidingWindowDataset, SlidingWindowDataset]:
     """Training and validation windows for pretraining: from the token files of a prepared folder
     (train.bin, val.bin), or from text read and split in memory (`load_text_corpus`).
 
     Training windows start `stride` tokens apart (0: `context_length`, no overlap);
-    validation windows never overlap, so each validation token is scored once.
+    validation windows never overlap, so each validation token is scored once. A prepared
+    folder's meta.json must name `tokenizer` and ids below `vocab_size`, the model's
+    vocabulary (default: the tokenizer's).
     """
     path = Path(path)
     if path.is_dir() and (path / "train.bin").exists():
+        check_token_meta(path, tokenizer.name, vocab_size or tokenizer.n_vocab)
         return TokenFileDataset(path / "train.bin", context_length), TokenFileDataset(path / "val.bin", context_length)
     train_tokens, val_tokens, _ = load_text_corpus(path, tokenizer, val_fraction)
     return (SlidingWindowDataset(train_tokens, context_length, stride or context_length, name="the training split"),

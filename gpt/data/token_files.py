@@ -12,7 +12,9 @@ the tokens `load_text_corpus` would give for the same input; `TokenFileDataset`
 (`gpt.data.loader`) reads them through a memory map.
 
 `prepare_cli` adds statistics (`format_stats`) and a histogram of document lengths
-(`write_length_histogram`: a PNG with matplotlib, else `text_histogram`).
+(`write_length_histogram`: a PNG with matplotlib, else `text_histogram`). A run that
+trains on the files checks their `meta.json` first (`check_token_meta`): the tokenizer
+that wrote them, and ids that fit the model's vocabulary.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import argparse
 import contextlib
 import enum
 import hashlib
+import json
 import multiprocessing
 import os
 import time
@@ -32,6 +35,8 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import numpy as np
 from tqdm.auto import tqdm
 
+from .. import cli_args
+from ..config import SEED_LIMIT
 from ..errors import UserError
 from ..files import atomic_write, write_json
 from ..tokenizer import Tokenizer, get_tokenizer
@@ -210,6 +215,8 @@ def _prepare(source: Path, out_dir: Path, val_fraction: float, workers: int | No
     workers = (os.cpu_count() or 1) if workers is None else workers
     if workers < 1:
         raise UserError(f"workers must be at least 1, got {workers}")
+    if not 0 <= seed < SEED_LIMIT:
+        raise UserError(f"seed must be in [0, 2**32), got {seed}")
     tokenizer = get_tokenizer(tokenizer_name)
     id_limit = np.iinfo(TOKEN_DTYPE).max + 1
     if tokenizer.n_vocab > id_limit:
@@ -248,6 +255,38 @@ def _prepare(source: Path, out_dir: Path, val_fraction: float, workers: int | No
     }
     write_json(out_dir / "meta.json", meta)
     return meta, lengths
+
+
+def check_token_meta(folder: PathLike, tokenizer_name: str, vocab_size: int) -> dict[str, Any]:
+    """A prepared folder's meta.json, checked against the run that is about to read its token files:
+    written by the tokenizer `tokenizer_name`, in uint16, with ids below the model's `vocab_size`.
+
+    `prepare` writes meta.json last, so a folder without one was never completed. A missing,
+    damaged or mismatched meta.json is a UserError naming it and the value at fault.
+    """
+    path = Path(folder) / "meta.json"
+    again = f"write the folder again with `python -m gpt prepare SOURCE --out {folder}`"
+    if not path.is_file():
+        raise UserError(f"{path}: missing, so the token files beside it are incomplete (an interrupted prepare?); "
+                        f"{again}")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"{path}: not readable JSON ({type(err).__name__}: {err}); {again}") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{path}: expected a JSON object, got {type(meta).__name__}; {again}")
+    for key, kind in (("tokenizer", str), ("vocab_size", int), ("dtype", str)):
+        if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
+            raise UserError(f"{path}: {key} must be a {kind.__name__}, got {json.dumps(meta.get(key))}; {again}")
+    if meta["dtype"] != np.dtype(TOKEN_DTYPE).name:
+        raise UserError(f"{path}: dtype {meta['dtype']!r}, but token files hold {np.dtype(TOKEN_DTYPE).name}")
+    if meta["tokenizer"] != tokenizer_name:
+        raise UserError(f"{path}: the tokens were written by the tokenizer {meta['tokenizer']!r}, but this run "
+                        f"uses {tokenizer_name!r}")
+    if meta["vocab_size"] > vocab_size:
+        raise UserError(f"{path}: vocab_size {meta['vocab_size']:,}: token ids up to {meta['vocab_size'] - 1:,} do "
+                        f"not fit the model's vocabulary (model.vocab_size {vocab_size:,})")
+    return meta
 
 
 # ----------------------------------------------------------------------------
@@ -322,17 +361,19 @@ def prepare_cli(argv: list[str]) -> int:
     )
     parser.add_argument("input", help='a .txt file (one document), a .jsonl file (a "text" field per line), '
                         "or a folder of them (searched recursively)")
-    parser.add_argument("--out", required=True, metavar="DIR", help="folder for the token files (created if needed)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+    parser.add_argument("--out", required=True, type=cli_args.output_folder, metavar="DIR",
+                        help="folder for the token files (created if needed)")
+    parser.add_argument("--workers", type=cli_args.positive_int, default=os.cpu_count() or 1,
                         help="tokenizer processes (default: %(default)s, one per CPU)")
-    parser.add_argument("--val-fraction", type=float, default=0.005,
+    parser.add_argument("--val-fraction", type=cli_args.fraction, default=0.005,
                         help="share of documents for validation; with too few documents for that, the "
                         "same share of tokens from the end (default: %(default)s)")
     parser.add_argument("--tokenizer", default="gpt2", help="tokenizer name or GGUF file (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for choosing validation documents (default: %(default)s)")
+    parser.add_argument("--seed", type=cli_args.seed, default=0,
+                        help="seed for choosing validation documents (default: %(default)s)")
     args = parser.parse_args(argv)
 
-    out_dir = Path(args.out)
+    out_dir = args.out
     started = time.perf_counter()
     meta, lengths = _prepare(Path(args.input), out_dir, args.val_fraction, args.workers, args.tokenizer, args.seed)
     seconds = time.perf_counter() - started

@@ -59,8 +59,13 @@ def config_from_gguf(reader: Any, path: str | os.PathLike[str]) -> ModelConfig:
         )
 
     def get(key: str, default: Any = None) -> Any:
+        """The value of `{arch}.{key}` (a number, but for the RoPE scaling type), or `default` when absent."""
         value = metadata_value(reader, f"{arch}.{key}")
-        return default if value is None else value
+        if value is None:
+            return default
+        if key != "rope.scaling.type" and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise UserError(f"{path}: metadata key {arch}.{key} must be a number, got {value!r}")
+        return value
 
     def require(key: str) -> Any:
         value = get(key)

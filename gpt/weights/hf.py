@@ -129,6 +129,14 @@ def _require(hf: dict[str, Any], key: str, path: str | os.PathLike[str]) -> Any:
     return hf[key]
 
 
+def _require_int(hf: dict[str, Any], key: str, path: str | os.PathLike[str]) -> int:
+    """A key the shape is computed from: present and a positive integer (ModelConfig checks the others)."""
+    value = _require(hf, key, path)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise UserError(f"{path}: {key} must be a positive integer, got {json.dumps(value)}")
+    return value
+
+
 def _refuse(path: str | os.PathLike[str], key: str, value: Any, why: str) -> NoReturn:
     raise UserError(f"{path}: {key} = {json.dumps(value)} is not supported: {why}")
 
@@ -160,7 +168,7 @@ def _gpt2_config(hf: dict[str, Any], path: str | os.PathLike[str]) -> ModelConfi
 def _llama_config(hf: dict[str, Any], path: str | os.PathLike[str]) -> ModelConfig:
     if hf.get("hidden_act", "silu") != "silu":
         _refuse(path, "hidden_act", hf["hidden_act"], "the SwiGLU MLP uses silu")
-    d_model, n_head = _require(hf, "hidden_size", path), _require(hf, "num_attention_heads", path)
+    d_model, n_head = _require_int(hf, "hidden_size", path), _require_int(hf, "num_attention_heads", path)
     head_dim = hf.get("head_dim")
     if head_dim is not None and head_dim * n_head != d_model:
         _refuse(path, "head_dim", head_dim, "it must equal hidden_size / num_attention_heads")
@@ -195,7 +203,10 @@ def _llama_rope_theta(hf: dict[str, Any], path: str | os.PathLike[str]) -> float
         if rope_type != "default":
             _refuse(path, f"{key}.rope_type", rope_type, "only plain RoPE without scaling is implemented")
     parameters = hf.get("rope_parameters") or {}
-    return float(parameters.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    theta = parameters.get("rope_theta", hf.get("rope_theta", 10000.0))
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)):
+        _refuse(path, "rope_theta", theta, "expected a number")
+    return float(theta)
 
 
 def iter_hf_tensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:

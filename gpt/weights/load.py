@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,7 @@ from ..model import GPT
 from ..tokenizer import Tokenizer, get_tokenizer
 from ..gguf_file import is_gguf_file
 from .gguf import load_gguf
-from .hf import load_hf_folder, resolve_dtype
+from .hf import config_from_hf, load_hf_folder, read_hf_config, resolve_dtype
 
 
 def load_pretrained(path: str | os.PathLike[str], *, dtype: torch.dtype | str = torch.float32) -> GPT:
@@ -57,6 +56,8 @@ def source_kind(path: str | os.PathLike[str]) -> tuple[str, Path]:
             ) from None
     if is_gguf_file(path):
         return "gguf", path
+    if path.suffix.lower() == ".gguf":
+        raise UserError(f"{path}: not a GGUF file (it does not start with b'GGUF')")
     if path.name == "config.json" or path.suffix == ".safetensors":
         return "hf", path.parent  # a file inside a Hugging Face folder stands for the folder
     return "checkpoint", path
@@ -90,7 +91,7 @@ def load_model_and_tokenizer(source: str, *, seed: int = 0) -> LoadedModel:
     elif kind == "checkpoint":
         tokenizer_name = load_checkpoint(path).get("tokenizer", "gpt2")
     else:
-        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+        model_type, _ = config_from_hf(read_hf_config(path), path / "config.json")  # a bad config.json stops here
         if model_type != "gpt2":
             raise UserError(f"{path}: no tokenizer support for Hugging Face {model_type!r} folders yet; "
                             "use the model's GGUF file, or a GPT-2 folder")
