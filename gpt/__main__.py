@@ -20,6 +20,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "prepare": ("gpt.data.token_files:prepare_cli", "tokenize a large corpus into uint16 token files for pretraining"),
     "fetch": ("gpt.fetch:fetch_cli", "download a known pretrained model into the local cache (explicit, once)"),
     "classify": ("gpt.classifier:classify_cli", "label texts with a classifier from finetune_classifier.py"),
+    "serve": ("gpt.serve.cli:serve_cli", "serve a model over HTTP: OpenAI-compatible API and a chat page"),
     "bench": ("gpt.bench:bench_cli", "training/generation speed, MFU and peak memory against transformers"),
 }
 

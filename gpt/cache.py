@@ -63,6 +63,10 @@ class KVCache:
     takes one more slot. `length` counts the slots taken so far.
     """
 
+    # Every row attends over the same `length` slots (padding masked). A cache whose rows hold
+    # different numbers of keys (gpt/serve/slot_cache.py) lists them here, and attention runs row by row.
+    row_lengths: list[int] | None = None
+
     def __init__(
         self, config: ModelConfig, batch_size: int, max_length: int,
         device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,

@@ -41,6 +41,14 @@ positive_int = int_at_least(1)
 non_negative_int = int_at_least(0)
 
 
+def port(text: str) -> int:
+    """A TCP port to listen on: 1 to 65535."""
+    value = positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"must be at most 65535, got {value}")
+    return value
+
+
 def seed(text: str) -> int:
     """A random seed: an integer in [0, 2**32), what numpy and torch both accept."""
     value = non_negative_int(text)

@@ -131,20 +131,31 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v)  # (B, n_kv_head, S, hd), S = cached + T
+        if cache is not None and cache.row_lengths is not None:
+            # Rows holding different numbers of keys (the serving engine's slot cache): each row attends
+            # to its own keys alone, the same computation as decoding it by itself (gpt/serve/slot_cache.py).
+            rows = [self._attend(q[i : i + 1], k[i : i + 1, :, :n], v[i : i + 1, :, :n], None)
+                    for i, n in enumerate(cache.row_lengths)]
+            out = torch.cat(rows)  # (B, n_head, T, hd)
+        else:
+            out = self._attend(q, k, v, allowed)
+        out = out.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, D)
+        return self.resid_dropout(self.out_proj(out))
+
+    def _attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None
+    ) -> torch.Tensor:
+        """q (B, n_head, T, hd) attends to k, v (B, n_kv_head, S, hd) -> (B, n_head, T, hd)."""
         if self.n_kv_head != self.n_head:  # grouped-query: repeat each key/value head for its query heads
             group = self.n_head // self.n_kv_head
             k = k.repeat_interleave(group, dim=1)  # (B, n_head, S, hd)
             v = v.repeat_interleave(group, dim=1)
-
         if self.attn_impl == "manual":
-            out = self._manual_attention(q, k, v, allowed)
-        else:
-            dropout_p = self.dropout if self.training else 0.0
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=allowed, dropout_p=dropout_p, is_causal=allowed is None and T > 1
-            )
-        out = out.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, D)
-        return self.resid_dropout(self.out_proj(out))
+            return self._manual_attention(q, k, v, allowed)
+        dropout_p = self.dropout if self.training else 0.0
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=allowed, dropout_p=dropout_p, is_causal=allowed is None and q.shape[2] > 1
+        )
 
     def _manual_attention(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None

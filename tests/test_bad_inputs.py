@@ -313,6 +313,14 @@ CASES = [
     case("gpt classify --checkpoint {ckpt} --batch-size 0 hello", "--batch-size", "0"),
     case("gpt classify --checkpoint {ckpt} --device cuda:99 hello", "--device", "'cuda:99'"),
     case("gpt classify --checkpoint {ckpt} --file a_folder", "--file", "a_folder"),
+    # serve: every flag is checked before the server starts listening
+    case("gpt serve --checkpoint {ckpt} --port 70000", "--port", "70000"),
+    case("gpt serve --checkpoint {ckpt} --port http", "--port", "'http'"),
+    case("gpt serve --checkpoint {ckpt} --max-batch 0", "--max-batch", "0"),
+    case("gpt serve --checkpoint {ckpt} --max-queue -1", "--max-queue", "-1"),
+    case("gpt serve --checkpoint {ckpt} --max-tokens-limit 0", "--max-tokens-limit", "0"),
+    case("gpt serve --checkpoint {ckpt} --dtype float8", "--dtype", "'float8'"),
+    case("gpt serve --checkpoint {ckpt} --device cuda:99", "--device", "'cuda:99'"),
 ]
 
 
