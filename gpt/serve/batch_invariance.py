@@ -26,16 +26,13 @@ shapes, so the same kernels). With more rows, a decoding step's matmuls are `wid
 products where `generate` runs 1-row ones: its logits differ from `generate`'s by float
 rounding (about 1e-6 relative), so greedy and seeded tokens match `generate`'s except at
 a near tie. Bitwise equality with `generate` would need MKL's 1-row kernel for every row,
-and that kernel gains nothing from batching: on this 2-core CPU the tiny preset's LM head
-takes 6.9 ms for one row and 23 ms for 8 rows through it (in groups of 3, the most it
-computes alike), against 11.6 ms for one 8-row product. Batching would be gone.
+and that kernel gains nothing from batching: 8 rows through it cost several times one
+8-row product, and batching would be gone.
 
-The costs, on the tiny preset (fp32, this 2-core CPU, 1 thread): a step of 8 rows takes
-about 24 ms, of which attention row by row is 2.4 ms where one masked call per layer would
-take 1.0 ms; and a request alone in a width-8 engine decodes at the 8-row step's speed,
-about 1.5x slower than with `max_batch=1` (30 against 46 tokens/s). At 8 concurrent
-requests the step profile puts the engine about 10% behind `gpt.generate` decoding the same
-8 prompts in lockstep (`python -m benchmarks.serve_engine` compares them end to end).
+The costs: attention row by row takes longer than one masked call per layer, and a
+request alone in a wide engine decodes at the speed of the full step, slower than with
+`max_batch=1`. BENCHMARKS.md ("Serving") has the measurements; `python -m
+benchmarks.serve_engine` compares the engine with `gpt.generate` end to end.
 """
 
 from __future__ import annotations
