@@ -4,12 +4,14 @@
     classification.py     accuracy, per-class precision/recall/F1, macro F1, ROC AUC, a tuned threshold
     classifier_report.py  a fine-tuned classifier before and after: test metrics, report.json / report.md
     instruction.py        greedy answers, exact match per task, the response loss, the instruct reports
+    multiple_choice.py    log-likelihood scoring of multiple-choice items (acc, acc_norm) as lm-evaluation-harness does
 
-The first two are re-exported here; the last two, which need the model code, are
+The first two are re-exported here; the others, which need the model code, are
 imported from their modules.
 
 Every metric is checked against an independent reference in the tests (scikit-learn for
-classification, the plain cross-entropy of the logits for the language-model loss).
+classification, the plain cross-entropy of the logits for the language-model loss,
+transformers on the same weights for multiple-choice log-likelihoods).
 """
 
 from .classification import classification_report, format_report_markdown, tune_threshold

@@ -1,0 +1,92 @@
+"""Multiple-choice scoring against transformers on the same weights, and the harness' token split."""
+
+import numpy as np
+import pytest
+import torch
+
+from gpt.config import ModelConfig
+from gpt.evaluate.multiple_choice import (
+    MultipleChoiceItem,
+    continuation_loglikelihoods,
+    encode_pair,
+    multiple_choice_metrics,
+    score_items,
+)
+from gpt.model import GPT
+from gpt.tokenizer import get_tokenizer
+from gpt.weights import save_pretrained
+
+transformers = pytest.importorskip("transformers")
+TOKENIZER = get_tokenizer("gpt2")
+ITEMS = [
+    MultipleChoiceItem("Question: What is 2 + 2?\nAnswer:", [" 3", " 4", " five", " 22"], 1),
+    MultipleChoiceItem("The cat sat on the ", ["mat", "moon and the stars", "dog"], 0),
+    MultipleChoiceItem("", ["Hello world", "Goodbye"], 1),
+    MultipleChoiceItem("A long context " * 30, [" ends here", " ends there, far away"], 0),
+]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    torch.manual_seed(0)
+    ours = GPT(ModelConfig(vocab_size=50257, context_length=64, d_model=32, n_layer=2, n_head=2)).eval()
+    folder = tmp_path_factory.mktemp("hf")
+    save_pretrained(ours, folder)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    return ours, theirs
+
+
+def test_the_token_split_follows_the_harness():
+    context = "Question: What is 2 + 2?\nAnswer:"
+    assert encode_pair(TOKENIZER, context, " 4") == (TOKENIZER.encode(context), TOKENIZER.encode(" 4"))
+    # Whitespace at the end of the context belongs to the continuation.
+    assert encode_pair(TOKENIZER, context + " ", "4") == encode_pair(TOKENIZER, context, " 4")
+    assert encode_pair(TOKENIZER, "", "Hello") == ([TOKENIZER.eot_id], TOKENIZER.encode("Hello"))
+    # A continuation merged into the context's last token by BPE: the split is on the whole's tokens.
+    context_ids, continuation_ids = encode_pair(TOKENIZER, "The cat sat on the ", "mat")
+    assert context_ids + continuation_ids == TOKENIZER.encode("The cat sat on the mat")
+
+
+def reference_loglikelihood(theirs, context: list[int], continuation: list[int]) -> float:
+    """transformers' model on the whole sequence, unbatched, left-cut to its context length."""
+    ids = (context + continuation)[-65:]
+    with torch.no_grad():
+        logprobs = torch.log_softmax(theirs(torch.tensor([ids[:-1]])).logits[0].float(), dim=-1)
+    n = len(continuation)
+    return float(logprobs[-n:].gather(1, torch.tensor(ids[-n:])[:, None]).sum())
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 16])
+def test_loglikelihoods_equal_transformers_on_the_same_weights(models, batch_size):
+    ours, theirs = models
+    requests = [encode_pair(TOKENIZER, item.context, choice) for item in ITEMS for choice in item.choices]
+    scores = continuation_loglikelihoods(ours, requests, batch_size)
+    for (context, continuation), (loglikelihood, tokens, _) in zip(requests, scores):
+        assert tokens == len(continuation)
+        assert loglikelihood == pytest.approx(reference_loglikelihood(theirs, context, continuation), abs=1e-4)
+
+
+def test_metrics_pick_as_the_harness_does(models):
+    ours, theirs = models
+    scored = score_items(ours, TOKENIZER, ITEMS, batch_size=4)
+    correct = {"acc": 0, "acc_norm": 0, "acc_per_token": 0}
+    for item, entry in zip(ITEMS, scored):
+        pairs = [encode_pair(TOKENIZER, item.context, choice) for choice in item.choices]
+        lls = np.array([reference_loglikelihood(theirs, c, k) for c, k in pairs])
+        chars = np.array([float(len(choice)) for choice in item.choices])
+        tokens = np.array([float(len(k)) for _, k in pairs])
+        correct["acc"] += int(np.argmax(lls) == item.answer)
+        correct["acc_norm"] += int(np.argmax(lls / chars) == item.answer)
+        correct["acc_per_token"] += int(np.argmax(lls / tokens) == item.answer)
+        assert entry["pred"] == int(np.argmax(lls)) and entry["pred_norm"] == int(np.argmax(lls / chars))
+    assert multiple_choice_metrics(scored) == {name: count / len(ITEMS) for name, count in correct.items()}
+
+
+def test_greedy_flag(models):
+    ours, _ = models
+    context = TOKENIZER.encode("Once upon a time")
+    with torch.no_grad():
+        best = int(ours(torch.tensor([context]))[0, -1].argmax())
+    [(_, _, greedy)], [(_, _, not_greedy)] = (continuation_loglikelihoods(ours, [(context, [best])]),
+                                              continuation_loglikelihoods(ours, [(context, [(best + 1) % 50257])]))
+    assert greedy and not not_greedy
