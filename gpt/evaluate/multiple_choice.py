@@ -19,7 +19,8 @@ scored after the end-of-text token.
 
 Requests are scored in batches, right-padded: a causal model's logits at a position do not
 depend on what follows it, so padding needs no mask. A request longer than the context is
-cut from the left, keeping the whole continuation.
+cut from the left, keeping the whole continuation. One-token continuations of the same
+context share a forward pass.
 """
 
 from __future__ import annotations
@@ -57,30 +58,44 @@ def continuation_loglikelihoods(
     model: GPT, requests: Sequence[tuple[list[int], list[int]]], batch_size: int = 8
 ) -> list[tuple[float, int, bool]]:
     """For each (context ids, continuation ids): the continuation's summed log-probability, its token count,
-    and whether greedy decoding would have produced it (every token the argmax)."""
+    and whether greedy decoding would have produced it (every token the argmax).
+
+    Requests whose continuation is one token and whose inputs are the same (the letters A-D after one
+    MMLU question) share one forward pass: its last position scores them all.
+    """
     device = model.tok_emb.weight.device
     limit = model.config.context_length + 1  # the last token is never an input
-    results: list[tuple[float, int, bool]] = []
+    sequences = [(context + continuation)[-limit:] for context, continuation in requests]
+    row_of: dict[tuple[int, ...], int] = {}  # a distinct input sequence -> its row among all forwards
+    distinct: list[list[int]] = []  # the input of each row
+    users: list[list[int]] = []  # the requests each row scores
+    for index, sequence in enumerate(sequences):
+        key = tuple(sequence[:-1]) if len(requests[index][1]) == 1 else (index, -1)  # (index, -1): never shared
+        if key not in row_of:
+            row_of[key] = len(distinct)
+            distinct.append(sequence[:-1])
+            users.append([])
+        users[row_of[key]].append(index)
+    results: list[tuple[float, int, bool] | None] = [None] * len(requests)
     was_training = model.training
     model.eval()
     try:
-        for start in range(0, len(requests), batch_size):
-            batch = requests[start:start + batch_size]
-            sequences = [(context + continuation)[-limit:] for context, continuation in batch]
-            longest = max(len(s) for s in sequences) - 1
-            inputs = torch.zeros(len(batch), longest, dtype=torch.long)  # right-padded with token 0
-            for row, sequence in enumerate(sequences):
-                inputs[row, :len(sequence) - 1] = torch.tensor(sequence[:-1])
-            logprobs = torch.log_softmax(model(inputs.to(device)).float(), dim=-1)  # (B, T, V)
-            for row, ((_, continuation), sequence) in enumerate(zip(batch, sequences)):
-                n, end = len(continuation), len(sequence) - 1
-                targets = torch.tensor(continuation, device=device)  # (n,)
-                rows = logprobs[row, end - n:end]  # (n, V): the positions that predict the continuation
-                total = float(rows.gather(1, targets[:, None]).sum())
-                results.append((total, n, bool((rows.argmax(dim=-1) == targets).all())))
+        for start in range(0, len(distinct), batch_size):
+            batch = distinct[start:start + batch_size]
+            ids = torch.zeros(len(batch), max(len(s) for s in batch), dtype=torch.long)  # right-padded with 0
+            for row, sequence in enumerate(batch):
+                ids[row, :len(sequence)] = torch.tensor(sequence)
+            logprobs = torch.log_softmax(model(ids.to(device)).float(), dim=-1)  # (B, T, V)
+            for row in range(start, start + len(batch)):
+                for index in users[row]:
+                    n, end = len(requests[index][1]), len(distinct[row])
+                    targets = torch.tensor(sequences[index][-n:], device=device)  # (n,)
+                    scores = logprobs[row - start, end - n:end]  # (n, V): the positions predicting the continuation
+                    total = float(scores.gather(1, targets[:, None]).sum())
+                    results[index] = (total, n, bool((scores.argmax(dim=-1) == targets).all()))
     finally:
         model.train(was_training)
-    return results
+    return results  # type: ignore[return-value]
 
 
 def score_items(

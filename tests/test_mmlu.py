@@ -1,0 +1,82 @@
+"""The MMLU task and `evaluate --task`: reading the data, the prompt, few-shot draws, the accuracy tables."""
+
+import json
+
+import pytest
+import torch
+
+from gpt.checkpoint import save_checkpoint
+from gpt.cli import evaluate_cli
+from gpt.config import ModelConfig
+from gpt.errors import UserError
+from gpt.evaluate import mmlu
+from gpt.fetch import KNOWN_MODELS, resolve_model
+from gpt.model import GPT
+
+
+def row(subject: str, n: int, answer: str = "B") -> dict:
+    return {"question": f"Question {n} about {subject}?", "answer_a": f"a{n}", "answer_b": f"b{n}",
+            "answer_c": f"c{n}", "answer_d": f"d{n}", "correct_answer": answer, "topic": subject}
+
+
+@pytest.fixture
+def data(tmp_path):
+    rows = [row("astronomy", n) for n in range(4)] + [row("philosophy", n, "D") for n in range(4, 7)]
+    rows.insert(3, {"question": "question", "answer_a": "answer_a", "answer_b": "answer_b", "answer_c": "answer_c",
+                    "answer_d": "answer_d", "correct_answer": "answer", "topic": "astronomy"})  # a stray header
+    path = tmp_path / "mmlu.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_reading_skips_the_stray_header_and_says_where(data, capsys):
+    questions = mmlu.read_mmlu(data)
+    assert len(questions) == 7 and [q.answer for q in questions[:2]] == [1, 1]
+    assert "skipped 1 header row(s) inside the data, line(s) [4]" in capsys.readouterr().err
+    assert sum(len(subjects) for subjects in mmlu.CATEGORY_SUBJECTS.values()) == len(mmlu.CATEGORY_OF) == 57
+
+
+def test_the_prompt_and_the_shots(data):
+    questions = mmlu.read_mmlu(data)
+    assert mmlu.prompt(questions[0], []) == (
+        "The following are multiple choice questions (with answers) about astronomy.\n\n"
+        "Question 0 about astronomy?\nA. a0\nB. b0\nC. c0\nD. d0\nAnswer:")
+    assert mmlu.prompt(questions[0], [questions[1]]).count("Answer: B\n\n") == 1
+    items, examples = mmlu.build_items(questions, questions, shots=2, seed=0, fmt="cloze")
+    for question, item, lines in zip(questions, items, examples):
+        assert question.line not in lines and len(lines) == 2  # never the question itself
+        assert {q.subject for q in questions if q.line in lines} == {question.subject}
+        assert item.choices == [f" {text}" for text in question.choices] and item.answer == question.answer
+    again, _ = mmlu.build_items(questions, questions, shots=2, seed=0, fmt="cloze")
+    assert [i.context for i in again] == [i.context for i in items]  # seeded
+    with pytest.raises(UserError, match="--shots 3: subject 'philosophy' has only 2 other questions"):
+        mmlu.build_items(questions, questions, shots=3, seed=0, fmt="mcf")
+
+
+def test_evaluate_task_mmlu_reports_what_the_items_say(data, tmp_path, capsys):
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "m.pt", GPT(ModelConfig(vocab_size=50257, context_length=256, d_model=32, n_layer=1,
+                                                       n_head=2)), tokenizer="gpt2")
+    out = tmp_path / "items.jsonl"
+    assert evaluate_cli(["--checkpoint", str(tmp_path / "m.pt"), "--task", "mmlu", "--data", str(data),
+                         "--shots", "1", "--out", str(out), "--batch-size", "3"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert summary["items"] == len(rows) == 7 and summary["shots"] == 1
+    for subject in ("astronomy", "philosophy"):
+        hits = [r["pred"] == r["answer"] for r in rows if r["subject"] == subject]
+        assert summary["subjects"][subject] == {"accuracy": sum(hits) / len(hits), "questions": len(hits)}
+    assert summary["categories"]["stem"] == summary["subjects"]["astronomy"]
+    assert summary["categories"]["humanities"] == summary["subjects"]["philosophy"]
+    assert summary["acc"] == sum(r["pred"] == r["answer"] for r in rows) / 7 == summary["overall"]["accuracy"]
+
+
+def test_task_mc_bad_lines_and_names(tmp_path):
+    bad = tmp_path / "mc.jsonl"
+    bad.write_text('{"context": "x", "choices": ["a", "b"], "answer": 1}\n{"context": "x", "choices": ["a"], '
+                   '"answer": 0}\n')
+    with pytest.raises(UserError, match=r"mc.jsonl, line 2: expected"):
+        evaluate_cli(["--preset", "tiny", "--task", "mc", "--data", str(bad), "--out", str(tmp_path / "o.jsonl")])
+    assert KNOWN_MODELS["mmlu"].kind == "dataset"
+    with pytest.raises(UserError, match="no such file or known model: 'mmlu'"):
+        resolve_model("mmlu")  # a dataset, not a model
