@@ -80,3 +80,18 @@ def test_task_mc_bad_lines_and_names(tmp_path):
     assert KNOWN_MODELS["mmlu"].kind == "dataset"
     with pytest.raises(UserError, match="no such file or known model: 'mmlu'"):
         resolve_model("mmlu")  # a dataset, not a model
+
+
+@pytest.mark.slow
+def test_the_fetched_test_set_is_whole_and_every_subject_has_a_category(capsys):
+    """Needs `python -m gpt fetch mmlu` (CI runs it): 14,042 questions in 57 subjects, the two stray header rows
+    skipped, every subject in one of the four categories."""
+    from gpt.fetch import cached_path
+
+    path = cached_path("mmlu")
+    if not path.is_file():
+        pytest.fail(f"{path} is not cached: run `python -m gpt fetch mmlu` first", pytrace=False)
+    questions = mmlu.read_mmlu(path)
+    assert len(questions) == 14_042
+    assert "line(s) [11777, 12794]" in capsys.readouterr().err
+    assert {q.subject for q in questions} == set(mmlu.CATEGORY_OF)
