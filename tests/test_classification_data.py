@@ -272,15 +272,27 @@ def test_check_labels_refuses_labels_that_look_like_mistakes(labels, settings, m
 
 
 def test_check_labels_accepts_what_it_is_told_to():
-    check_labels(labelled("ham", "spam", "ham", "spma", "spam"), min_count=1)
-    check_labels(labelled("ham", "Ham", "ham", "Ham"), allow_variants=True)
-    check_labels(labelled("1", "2", "10", "1", "2", "10"))  # integer labels are never variants of each other
+    """Each set is refused by default and accepted with its flag; integer labels are never variants."""
+    rare, variants = labelled("ham", "spam", "ham", "spma", "spam"), labelled("ham", "Ham", "ham", "Ham")
+    with pytest.raises(UserError, match="spma"):
+        check_labels(rare)
+    assert check_labels(rare, min_count=1) is None
+    with pytest.raises(UserError, match="Ham"):
+        check_labels(variants)
+    assert check_labels(variants, allow_variants=True) is None
+    assert check_labels(labelled("1", "2", "10", "1", "2", "10")) is None
 
 
 def test_the_shipped_data_passes_the_label_checks():
     cfg = ClassificationDataConfig()  # finetune_classifier.py's defaults, and configs/classifier*.toml's file
     data = Path(__file__).resolve().parents[1] / cfg.path
-    check_labels(deduplicate_texts(read_labeled_texts(data))[0], cfg.min_label_count, cfg.allow_label_variants)
+    examples = deduplicate_texts(read_labeled_texts(data))[0]
+    assert check_labels(examples, cfg.min_label_count, cfg.allow_label_variants) is None
+    # Counted independently from the file's first column: two labels, each far above the threshold.
+    counts = collections.Counter(line.split("\t", 1)[0] for line in data.read_text(encoding="utf-8").splitlines()
+                                 if line.strip())
+    assert set(counts) == {"ham", "spam"} and min(counts.values()) >= 100 * cfg.min_label_count
+    assert {e.label for e in examples} == set(counts)
 
 
 def test_read_splits_splits_one_file_by_class(tmp_path):
