@@ -56,6 +56,15 @@ def positions_and_mask(
     return padded_positions(padding_mask), attention_mask(padding_mask, 0, T)
 
 
+def kv_buffers(
+    config: ModelConfig, rows: int, max_length: int, device: torch.device | str, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zeroed keys and values for `rows` sequences of up to `max_length` positions, every layer at once:
+    two tensors (n_layer, rows, n_kv_head, max_length, head_dim)."""
+    shape = (config.n_layer, rows, config.n_kv_head, max_length, config.head_dim)
+    return torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)
+
+
 class KVCache:
     """Preallocated keys and values of every layer, filled as generation advances.
 
@@ -71,9 +80,7 @@ class KVCache:
         self, config: ModelConfig, batch_size: int, max_length: int,
         device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
     ) -> None:
-        shape = (config.n_layer, batch_size, config.n_kv_head, max_length, config.head_dim)
-        self.keys = torch.zeros(shape, device=device, dtype=dtype)
-        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.keys, self.values = kv_buffers(config, batch_size, max_length, device, dtype)
         self.key_valid = torch.ones(batch_size, max_length, device=device, dtype=torch.bool)  # False at padding
         self.next_position = torch.zeros(batch_size, device=device, dtype=torch.long)  # per row, padding excluded
         self.max_length = max_length

@@ -1,4 +1,4 @@
-"""Shared test fixtures: the fetched SmolLM2 model that the slow tests need.
+"""Shared test fixtures: a small training corpus, and the fetched SmolLM2 model that the slow tests need.
 
 No test downloads anything. The slow tests (`python -m pytest -m slow`) need
 SmolLM2-135M-Instruct fetched first (`python -m gpt fetch smollm2-135m-instruct`, which
@@ -28,3 +28,12 @@ def smollm2_path() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
     return smollm2_path()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """A slice of Botchan: enough windows for a few training steps, small enough to be quick."""
+    path = tmp_path_factory.mktemp("corpus") / "text.txt"
+    text = (Path(__file__).resolve().parents[1] / "data" / "botchan.txt").read_text(encoding="utf-8-sig")
+    path.write_text(text[20_000:40_000], encoding="utf-8")
+    return path

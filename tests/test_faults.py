@@ -71,14 +71,6 @@ runpy.run_path("pretrain.py", run_name="__main__")
 """
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("corpus") / "text.txt"
-    text = (REPO / "data" / "botchan.txt").read_text(encoding="utf-8-sig")
-    path.write_text(text[20_000:40_000], encoding="utf-8")
-    return path
-
-
 def pretrain(out_dir: Path, corpus: Path, *extra: str, mode: str = "none", n: int = 0) -> subprocess.Popen:
     command = [sys.executable, "-c", LAUNCHER, mode, str(n), *RUN, "--data.path", str(corpus),
                "--train.out_dir", str(out_dir), *extra]

@@ -44,13 +44,6 @@ SMALL_RUN = [
 ]
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("corpus") / "text.txt"
-    path.write_text((REPO / "data" / "botchan.txt").read_text(encoding="utf-8-sig")[20_000:40_000], encoding="utf-8")
-    return path
-
-
 @pytest.fixture
 def no_tf32():
     """fp32 compared with fp32, not TF32 (a training run switches TF32 on for the process)."""

@@ -89,15 +89,20 @@ def assistant_bubbles(driver) -> list:
     return driver.find_elements(By.CSS_SELECTOR, "#messages .message.assistant")
 
 
+def send_from_the_page(driver, server, prompt: str, **settings: str) -> None:
+    """Open the page, wait for the model's name, fill the settings (element id -> value) and send `prompt`."""
+    driver.get(server.url + "/")
+    WebDriverWait(driver, 30).until(lambda d: "model:" in d.find_element(By.ID, "status").text)
+    for element_id, value in settings.items():
+        fill(driver, element_id.replace("_", "-"), value)
+    fill(driver, "prompt", prompt)
+    driver.find_element(By.ID, "send").click()
+
+
 def test_a_message_streams_its_reply_in(browser, server, tmp_path):
     with screenshot_on_failure(browser, tmp_path):
-        browser.get(server.url + "/")
-        WebDriverWait(browser, 30).until(lambda d: "model:" in d.find_element(By.ID, "status").text)
-        fill(browser, "system", "You answer briefly.")
-        fill(browser, "temperature", "0")
-        fill(browser, "max-tokens", "300")
-        fill(browser, "prompt", "Tell me a story.")
-        browser.find_element(By.ID, "send").click()
+        send_from_the_page(browser, server, "Tell me a story.", system="You answer briefly.", temperature="0",
+                           max_tokens="300")
 
         partial_seen, deadline = False, time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -121,12 +126,7 @@ def test_a_message_streams_its_reply_in(browser, server, tmp_path):
 
 def test_stop_ends_a_long_reply(browser, server, tmp_path):
     with screenshot_on_failure(browser, tmp_path):
-        browser.get(server.url + "/")
-        WebDriverWait(browser, 30).until(lambda d: "model:" in d.find_element(By.ID, "status").text)
-        fill(browser, "temperature", "1")
-        fill(browser, "max-tokens", "900")
-        fill(browser, "prompt", "Write a very long text.")
-        browser.find_element(By.ID, "send").click()
+        send_from_the_page(browser, server, "Write a very long text.", temperature="1", max_tokens="900")
         WebDriverWait(browser, 60).until(lambda d: assistant_bubbles(d) and
                                          assistant_bubbles(d)[-1].get_attribute("textContent"))
         browser.find_element(By.ID, "stop").click()

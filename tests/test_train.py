@@ -31,15 +31,6 @@ SMALL_RUN = [
 ]
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    """A slice of Botchan: enough windows for a few steps, small enough to be quick."""
-    path = tmp_path_factory.mktemp("corpus") / "text.txt"
-    text = (REPO / "data" / "botchan.txt").read_text(encoding="utf-8-sig")
-    path.write_text(text[20_000:40_000], encoding="utf-8")
-    return path
-
-
 def run(out_dir: Path, corpus: Path, *extra: str, exit_code: int = 0) -> None:
     assert pretrain.main([*SMALL_RUN, "--data.path", str(corpus), "--train.out_dir", str(out_dir), *extra]) == exit_code
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from ..cache import KVCache
+from ..cache import KVCache, kv_buffers
 from ..config import ModelConfig
 
 
@@ -40,9 +40,7 @@ class SlotCache:
         self, config: ModelConfig, slots: int, max_length: int,
         device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
     ) -> None:
-        shape = (config.n_layer, slots, config.n_kv_head, max_length, config.head_dim)
-        self.keys = torch.zeros(shape, device=device, dtype=dtype)
-        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.keys, self.values = kv_buffers(config, slots, max_length, device, dtype)
         self.max_length = max_length
         self.lengths = [0] * slots  # keys held per row; 0 = a free slot
         self.row_lengths: list[int] | None = None  # keys each row attends over in the current step
