@@ -1,4 +1,4 @@
-"""Instruction-tune a model: prompt template, loss on the response, greedy answers scored by exact match.
+"""Instruction-tune a model: prompt template, loss on the response, greedy answers scored against the references.
 
     python finetune_instruct.py                          # SmolLM2-135M-Instruct + LoRA on data/instructions.json
     python finetune_instruct.py --train.trainable all    # full fine-tuning instead of LoRA
@@ -11,10 +11,10 @@ Records are Alpaca-style (`instruction`, optional `input`, `output`) or chat-sty
 (`messages`), in JSON or JSONL; a `split` field (train/val/test) keeps fixed splits,
 otherwise a seeded split is drawn. Before training and after it, the model answers every
 test prompt greedily (KV cache, stopping at the end-of-turn token); answers are scored by
-exact match after normalizing case and whitespace, per task family and overall, next to
-the mean loss of the reference responses. The run folder gets responses.jsonl (both
-answers per test record), report.json (`before` and `after`), report.md, and
-checkpoints/final.pt (the best weights, LoRA adapters merged in).
+exact match after normalizing case and whitespace, corpus BLEU and mean ROUGE-L, per task
+family and overall, next to the mean loss of the reference responses. The run folder
+gets responses.jsonl (both answers per test record), report.json (`before` and `after`),
+report.md, and checkpoints/final.pt (the best weights, LoRA adapters merged in).
 """
 
 from __future__ import annotations
@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         trains = set_trainable(model, train_cfg.trainable, lora)
         trainable_parameters, _ = count_parameters(model)
         if runtime.is_main:
-            print(f"before training: exact match {before['exact_match']:.3f}, response loss {before['response_loss']:.4f}")
+            print(f"before training: exact match {before['exact_match']:.3f}, BLEU {before['bleu']:.2f}, "
+                  f"ROUGE-L {before['rouge_l']:.3f}, response loss {before['response_loss']:.4f}")
             print(f"trains: {trains}; {describe_parameters(model)}")
         task = instruct_task(model, datasets, train_cfg, runtime, loaded.tokenizer_name)
         result = train(task, train_cfg, runtime, {name: s.to_dict() for name, s in config.items()})
@@ -110,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
                "peak_memory_mib": round(peak_memory_mib(runtime.device))}
         write_reports(runtime.out_dir, before, after, answer_rows(splits["test"], before_answers, after_answers), run)
         print(f"after training:  exact match {after['exact_match']:.3f} (before {before['exact_match']:.3f}), "
+              f"BLEU {after['bleu']:.2f} (before {before['bleu']:.2f}), "
+              f"ROUGE-L {after['rouge_l']:.3f} (before {before['rouge_l']:.3f}), "
               f"response loss {after['response_loss']:.4f} (before {before['response_loss']:.4f})")
         print("per task: " + ", ".join(f"{t} {before['per_task'].get(t, 0):.2f}->{v:.2f}"
                                        for t, v in after["per_task"].items()))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -21,7 +20,8 @@ from tqdm.auto import tqdm
 
 from . import cli_args
 from .errors import UserError
-from .evaluate import mmlu, sliding_window_loss
+from .evaluate import mmlu, text_metrics
+from .evaluate.instruction import reference_scores
 from .evaluate.multiple_choice import MultipleChoiceItem, multiple_choice_metrics, score_items
 from .fetch import cached_path
 from .files import json_lines, write_text
@@ -181,7 +181,8 @@ def chat_cli(argv: list[str]) -> int:
 
 
 def read_prompts(path: Path) -> list[dict]:
-    """JSONL records with `prompt` (plain text) or `messages` (a chat); a bad line names the file and line."""
+    """JSONL records with `prompt` (plain text) or `messages` (a chat), and optionally `reference` (the expected
+    answer); a bad line names the file and line."""
     records = []
     try:
         text = path.read_text(encoding="utf-8")
@@ -200,6 +201,8 @@ def read_prompts(path: Path) -> list[dict]:
                                 f"objects with string values, got {json.dumps(messages)[:80]}")
         elif not isinstance(record["prompt"], str) or not record["prompt"]:
             raise UserError(f"{where}: 'prompt' must be a non-empty string, got {json.dumps(record['prompt'])[:80]}")
+        if "reference" in record and not isinstance(record["reference"], str):
+            raise UserError(f"{where}: 'reference' must be a string, got {json.dumps(record['reference'])[:80]}")
         records.append(record)
     if not records:
         raise UserError(f"{path}: no prompts in the file")
@@ -209,19 +212,20 @@ def read_prompts(path: Path) -> list[dict]:
 def evaluate_cli(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m gpt evaluate",
-        description="The batch test before training: loss and perplexity of a model on a text file (sliding "
-                    "windows), responses to a JSONL file of prompts, and/or a multiple-choice task scored by "
-                    "log-likelihood as lm-evaluation-harness scores it (MMLU, or any set of items).",
+        description="The batch test before training: loss, perplexity and bits per byte of a model on a text "
+                    "file (sliding windows), responses to a JSONL file of prompts, and/or a multiple-choice task "
+                    "scored by log-likelihood as lm-evaluation-harness scores it (MMLU, or any set of items).",
     )
     add_model_arguments(parser)
-    parser.add_argument("--text", type=cli_args.existing_file, help="a UTF-8 text file to measure loss and "
-                                                                      "perplexity on")
+    parser.add_argument("--text", type=cli_args.existing_file, help="a UTF-8 text file to measure loss, "
+                                                                      "perplexity and bits per byte on")
     parser.add_argument("--window", type=cli_args.int_at_least(2), default=None,
                         help="tokens of context per window (default: the model's context length, at most 1024)")
     parser.add_argument("--stride", type=cli_args.positive_int, default=None,
                         help="step between windows, at most the window (default: window / 2)")
     parser.add_argument("--prompts", type=cli_args.existing_file,
-                        help="JSONL with one {'prompt': ...} or {'messages': [...]} per line")
+                        help="JSONL with one {'prompt': ...} or {'messages': [...]} per line, optionally with "
+                             "'reference' (the expected answer: exact match, BLEU and ROUGE-L are printed)")
     parser.add_argument("--out", type=cli_args.output_file, default=Path("responses.jsonl"),
                         help="where responses go (JSONL)")
     parser.add_argument("--template", choices=["auto", "chat", "none"], default="auto",
@@ -267,11 +271,11 @@ def evaluate_cli(argv: list[str]) -> int:
         if stride > window:
             raise UserError(f"--stride {stride} exceeds the window ({window} tokens): the tokens between windows "
                             "would never be scored")
-        ids = tokenizer.encode(text)
         start = time.perf_counter()
-        loss, scored = sliding_window_loss(model, ids, window, stride, args.batch_size)
-        print(json.dumps({"file": str(args.text), "tokens": len(ids), "scored_tokens": scored, "loss": round(loss, 4),
-                          "perplexity": round(math.exp(loss), 3), "window": window, "stride": stride,
+        metrics = text_metrics(model, tokenizer, text, window, stride, args.batch_size)
+        print(json.dumps({"file": str(args.text), **metrics, "loss": round(metrics["loss"], 4),
+                          "perplexity": round(metrics["perplexity"], 3),
+                          "bits_per_byte": round(metrics["bits_per_byte"], 4), "window": window, "stride": stride,
                           "seconds": round(time.perf_counter() - start, 1)}))
     if args.prompts:
         records = read_prompts(args.prompts)
@@ -282,15 +286,19 @@ def evaluate_cli(argv: list[str]) -> int:
             texts.append(chat_prompt(messages, tokenizer) if use_chat or "messages" in record else record["prompt"])
         prompt_ids = [fit_prompt(tokenizer.encode(t, allowed_special="all"), args.max_new_tokens,
                                  model.config.context_length) for t in texts]
-        lines = []
+        responses = []
         for first in tqdm(range(0, len(records), args.batch_size), desc="prompts", dynamic_ncols=True):
             batch = prompt_ids[first:first + args.batch_size]
             outputs = generate(model, batch, args.max_new_tokens, temperature=0.0, eos_id=tokenizer.eot_id)
-            for record, prompt, output in zip(records[first:], batch, outputs):
-                reply = [t for t in output[len(prompt):] if t != tokenizer.eot_id]
-                lines.append(json.dumps({**record, "response": tokenizer.decode(reply)}, ensure_ascii=False) + "\n")
-        write_text(args.out, "".join(lines))
+            for prompt, output in zip(batch, outputs):
+                responses.append(tokenizer.decode([t for t in output[len(prompt):] if t != tokenizer.eot_id]))
+        write_text(args.out, "".join(json.dumps({**record, "response": response}, ensure_ascii=False) + "\n"
+                                     for record, response in zip(records, responses)))
         print(f"wrote {len(records)} responses to {args.out}")
+        referenced = [i for i, record in enumerate(records) if "reference" in record]
+        if referenced:  # exact match, BLEU and ROUGE-L of the responses to the prompts that have a reference answer
+            scores = reference_scores([responses[i] for i in referenced], [records[i]["reference"] for i in referenced])
+            print(json.dumps({"references": len(referenced), **{k: round(v, 4) for k, v in scores.items()}}))
     if args.task:
         evaluate_task(model, tokenizer, args)
     return 0

@@ -172,6 +172,7 @@ def write_inputs(folder: Path) -> None:
                                                 for i in range(20)) + '{"text": "who knows", "label": "maybe"}\n')
     (folder / "prompts.jsonl").write_text('{"prompt": "Hello"}\n')
     (folder / "empty_prompt.jsonl").write_text('{"prompt": "Hello"}\n{"prompt": ""}\n')
+    (folder / "bad_reference.jsonl").write_text('{"prompt": "Hello", "reference": 42}\n')
     (folder / "text.txt").write_text("It was a bright cold day in April, and the clocks were striking thirteen.\n" * 4)
 
 
@@ -289,6 +290,8 @@ CASES = [
     case("gpt evaluate --model {ckpt} --text missing.txt", "--text", "missing.txt"),
     case("gpt evaluate --model {ckpt} --prompts a_folder", "--prompts", "a_folder"),
     case("gpt evaluate --model {ckpt} --prompts empty_prompt.jsonl", "empty_prompt.jsonl, line 2", "'prompt'"),
+    case("gpt evaluate --model {ckpt} --prompts bad_reference.jsonl", "bad_reference.jsonl, line 1", "'reference'",
+         "42"),
     case("gpt evaluate --model {ckpt} --text text.txt --device cuda:99", "--device", "'cuda:99'"),
     # prepare, fetch, convert
     case("gpt prepare text.txt --out a_file", "--out", "a_file"),

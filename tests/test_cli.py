@@ -10,13 +10,16 @@ import sys
 from pathlib import Path
 
 import pytest
+import sacrebleu
 import torch
 import torch.nn.functional as F
+from rouge_score import rouge_scorer
 
 from gpt import cli_args
 from gpt.checkpoint import save_checkpoint
 from gpt.config import ModelConfig
-from gpt.evaluate import sliding_window_loss
+from gpt.evaluate import sliding_window_loss, text_metrics
+from gpt.generate import generate
 from gpt.model import GPT
 from gpt.tokenizer import get_tokenizer
 
@@ -76,22 +79,58 @@ def test_sliding_window_loss_equals_full_forward_when_the_text_fits(tiny_model):
     assert math.isclose(loss, expected, rel_tol=1e-5)
 
 
+@pytest.mark.parametrize("window, stride", [(64, 32), (16, 8)])
+def test_bits_per_byte_is_the_scored_tokens_loss_over_their_bytes(tiny_model, window, stride):
+    text = "東京 naïve Zürich — ¿Qué? " * 3  # the first GPT-2 token is 2 of the 3 bytes of 東
+    tokenizer = get_tokenizer("gpt2")
+    ids = tokenizer.encode(text)
+    first_token_bytes = tokenizer.decode_bytes(ids[:1])
+    assert first_token_bytes == "東".encode()[:2]
+    metrics = text_metrics(tiny_model, tokenizer, text, window, stride)
+    scored_bytes = len(text.encode("utf-8")) - len(first_token_bytes)
+    total_nats = reference_loss(tiny_model, ids, window, stride) * (len(ids) - 1)
+    assert (metrics["tokens"], metrics["scored_tokens"], metrics["scored_bytes"]) == (len(ids), len(ids) - 1,
+                                                                                      scored_bytes)
+    assert math.isclose(metrics["bits_per_byte"], total_nats / (math.log(2) * scored_bytes), rel_tol=1e-5)
+    assert math.isclose(metrics["perplexity"], math.exp(metrics["loss"]), rel_tol=1e-9)
+
+
 def test_evaluate_text_and_prompts(checkpoint, tiny_model, tmp_path):
     text = tmp_path / "text.txt"
     text.write_text("It was a bright cold day in April, and the clocks were striking thirteen. " * 3)
+    tokenizer = get_tokenizer("gpt2")
+    hello = tokenizer.encode("Hello")
+    hello_reply = tokenizer.decode([t for t in generate(tiny_model, [hello], 5, eos_id=tokenizer.eot_id)[0][len(hello):]
+                                    if t != tokenizer.eot_id])
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text('{"prompt": "Hello"}\n\n{"prompt": "Once upon a time", "id": 7}\n')
+    prompts.write_text(json.dumps({"prompt": "Hello", "reference": hello_reply}) + "\n\n"
+                       + json.dumps({"prompt": "Once upon a time", "id": 7, "reference": "there was a king."}) + "\n"
+                       + json.dumps({"prompt": "No reference"}) + "\n")
     out = tmp_path / "responses.jsonl"
     done = run_verb("evaluate", "--checkpoint", str(checkpoint), "--text", str(text), "--prompts", str(prompts),
                     "--out", str(out), "--max-new-tokens", "5")
     assert done.returncode == 0, done.stderr
-    metrics = json.loads(done.stdout.splitlines()[0])
-    ids = get_tokenizer("gpt2").encode(text.read_text())  # the tokenizer is tested against tiktoken elsewhere
+    lines = done.stdout.splitlines()
+    metrics = json.loads(lines[0])
+    ids = tokenizer.encode(text.read_text())  # the tokenizer is tested against tiktoken elsewhere
     assert metrics["tokens"] == len(ids) and (metrics["window"], metrics["stride"]) == (64, 32)
-    assert abs(metrics["loss"] - reference_loss(tiny_model, ids, 64, 32)) < 1e-4  # printed to 4 decimals
+    loss = reference_loss(tiny_model, ids, 64, 32)
+    assert abs(metrics["loss"] - loss) < 1e-4  # printed to 4 decimals
     assert math.isclose(metrics["perplexity"], math.exp(metrics["loss"]), rel_tol=1e-3)
+    scored_bytes = len(text.read_bytes()) - len(b"It")  # the first token, "It", is not predicted
+    assert tokenizer.decode(ids[:1]) == "It" and metrics["scored_bytes"] == scored_bytes
+    expected_bpb = loss * (len(ids) - 1) / (math.log(2) * scored_bytes)
+    assert abs(metrics["bits_per_byte"] - expected_bpb) < 1e-4  # printed to 4 decimals
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r.get("id") for r in rows] == [None, 7] and all(isinstance(r["response"], str) for r in rows)
+    assert [r.get("id") for r in rows] == [None, 7, None] and all(isinstance(r["response"], str) for r in rows)
+    assert rows[0]["response"] == hello_reply
+    scores = json.loads(lines[-1])  # of the two prompts with a reference, scored by sacrebleu and rouge-score
+    answers, references = [rows[0]["response"], rows[1]["response"]], [hello_reply, "there was a king."]
+    rouge = rouge_scorer.RougeScorer(["rougeL"])
+    assert scores["references"] == 2 and scores["exact_match"] == 0.5
+    assert abs(scores["bleu"] - sacrebleu.corpus_bleu(answers, [references]).score) < 1e-4  # printed to 4 decimals
+    rouge_l = sum(rouge.score(r, a)["rougeL"].fmeasure for a, r in zip(answers, references)) / 2
+    assert abs(scores["rouge_l"] - rouge_l) < 1e-4
 
 
 def test_evaluate_bad_prompts_line_names_file_and_line(checkpoint, tmp_path):

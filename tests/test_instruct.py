@@ -4,12 +4,15 @@ import json
 from pathlib import Path
 
 import pytest
+import sacrebleu
 import torch
 import torch.nn.functional as F
+from rouge_score import rouge_scorer
 
 import finetune_instruct
 from gpt.config import ModelConfig
 from gpt.errors import UserError
+from gpt.evaluate.instruction import score
 from gpt.model import GPT
 from gpt.prompts import format_example
 from gpt.tokenizer import get_tokenizer
@@ -66,12 +69,42 @@ def test_script_end_to_end_on_a_tiny_model(tmp_path):
     def normalized(text: str) -> str:
         return " ".join(text.lower().split())
 
+    rouge = rouge_scorer.RougeScorer(["rougeL"])
     for side in ("before", "after"):
         hits = [normalized(row[side]) == normalized(row["expected"]) for row in rows]
         assert report[side]["exact_match"] == sum(hits) / len(hits) and report[side]["examples"] == 4
         assert report[side]["per_task"] == {"sort": sum(hits) / len(hits)}
+        answers, references = [row[side] for row in rows], [row["expected"] for row in rows]
+        bleu = sacrebleu.corpus_bleu(answers, [references]).score
+        rouge_l = sum(rouge.score(r, a)["rougeL"].fmeasure for a, r in zip(answers, references)) / len(rows)
+        assert report[side]["bleu"] == pytest.approx(bleu) and report[side]["rouge_l"] == pytest.approx(rouge_l)
+        assert report[side]["per_task_bleu"] == {"sort": pytest.approx(bleu)}
+        assert report[side]["per_task_rouge_l"] == {"sort": pytest.approx(rouge_l)}
     assert report["after"]["response_loss"] < report["before"]["response_loss"]
-    assert "| exact match (all) |" in (out / "report.md").read_text()
+    markdown = (out / "report.md").read_text()
+    assert "| exact match (all) |" in markdown and "| BLEU: sort |" in markdown and "| ROUGE-L (all) |" in markdown
+
+
+def test_scores_per_task_and_overall_equal_sacrebleu_and_rouge_score():
+    records = [{"instruction": "i", "output": out, "task": task} for out, task in [
+        ("The cat sat on the mat.", "copy"), ("A Tall Woman Sleeps.", "copy"), ("2024-03-05", "date"),
+        ("March 5, 2024", "date"), ("spam", "label")]]
+    answers = ["the cat sat on a mat.", "A tall woman  sleeps.", "2024-03-05", "5 March 2024", "ham"]
+    scores = score(records, answers, response_loss=1.5)
+    rouge = rouge_scorer.RougeScorer(["rougeL"])
+
+    def expected(indices: list[int]) -> tuple[float, float, float]:
+        hyps, refs = [answers[i] for i in indices], [records[i]["output"] for i in indices]
+        rouge_l = sum(rouge.score(r, h)["rougeL"].fmeasure for h, r in zip(hyps, refs)) / len(hyps)
+        exact = sum(" ".join(h.lower().split()) == " ".join(r.lower().split()) for h, r in zip(hyps, refs))
+        return exact / len(hyps), sacrebleu.corpus_bleu(hyps, [refs]).score, rouge_l
+
+    assert (scores["exact_match"], scores["bleu"], scores["rouge_l"]) == pytest.approx(expected([0, 1, 2, 3, 4]))
+    for task, indices in {"copy": [0, 1], "date": [2, 3], "label": [4]}.items():
+        found = (scores["per_task"][task], scores["per_task_bleu"][task], scores["per_task_rouge_l"][task])
+        assert found == pytest.approx(expected(indices))
+    assert scores["per_task"] == {"copy": 0.5, "date": 0.5, "label": 0.0} and scores["bleu"] > 0
+    assert (scores["response_loss"], scores["examples"]) == (1.5, 5)
 
 
 @pytest.mark.parametrize(

@@ -1,13 +1,17 @@
-"""Instruction-following evaluation: greedy answers, exact match per task family, the response loss, a report.
+"""Instruction-following evaluation: greedy answers scored against the references per task family, a report.
 
     answers = answer_all(model, tokenizer, records, "chatml", max_new_tokens=32, batch_size=16)
-    scores = score(records, answers, response_loss)       # exact_match, per_task, response_loss
+    scores = score(records, answers, response_loss)       # exact_match, bleu, rouge_l, per task; response_loss
     write_reports(out_dir, before, after, rows, run)       # report.json, report.md, responses.jsonl
 
 An answer matches when it equals the record's expected response after lower-casing and
-collapsing whitespace (`normalize`). The response loss is the mean next-token loss of
-the reference responses given their prompts (`language_model_metrics` over a masked
-`InstructionDataset`): it moves even when no answer flips to exactly right.
+collapsing whitespace (`normalize`). BLEU (0-100, pooled over the answers) and ROUGE-L
+(0-1, the mean over answers) give credit for the part of an answer that is right
+(`text_overlap.py`). A task whose answers are all shorter than four BLEU tokens has no
+4-grams, so its BLEU is 0 even when every answer is right; ROUGE-L still tells. The
+response loss is the mean next-token loss of the reference responses given their prompts
+(`language_model_metrics` over a masked `InstructionDataset`): it moves even when no
+answer flips to exactly right.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from ..model import GPT
 from ..prompts import expected_response
 from ..tokenizer import Tokenizer
 from .language_model import language_model_metrics
+from .text_overlap import corpus_bleu, mean_rouge_l
 
 # Templates whose end-of-turn marker is a token of its own (when the vocabulary has it).
 END_OF_TURN = {"chatml": "<|im_end|>", "phi3": "<|end|>"}
@@ -65,15 +70,27 @@ def answer_all(model: GPT, tokenizer: Tokenizer, records: list[dict[str, Any]], 
     return answers
 
 
+def reference_scores(answers: list[str], references: list[str]) -> dict[str, float]:
+    """Exact match (after `normalize`), corpus BLEU (0-100) and mean ROUGE-L (0-1) of answers against references."""
+    hits = [normalize(answer) == normalize(reference) for answer, reference in zip(answers, references, strict=True)]
+    return {"exact_match": sum(hits) / len(hits), "bleu": corpus_bleu(answers, references),
+            "rouge_l": mean_rouge_l(answers, references)}
+
+
 def score(records: list[dict[str, Any]], answers: list[str], response_loss: float) -> dict[str, Any]:
-    """Exact match overall and per task family (a record's `task` field), and the response loss."""
-    hits: dict[str, list[bool]] = defaultdict(list)
+    """Exact match, BLEU and ROUGE-L overall and per task family (a record's `task` field), and the response loss."""
+    groups: dict[str, tuple[list[str], list[str]]] = defaultdict(lambda: ([], []))
     for record, answer in zip(records, answers):
-        hits[record.get("task", "all")].append(normalize(answer) == normalize(expected_response(record)))
-    every = [hit for task_hits in hits.values() for hit in task_hits]
-    return {"exact_match": sum(every) / len(every),
-            "per_task": {task: sum(h) / len(h) for task, h in sorted(hits.items())},
-            "response_loss": response_loss, "examples": len(every)}
+        task_answers, task_references = groups[record.get("task", "all")]
+        task_answers.append(answer)
+        task_references.append(expected_response(record))
+    overall = reference_scores(answers, [expected_response(record) for record in records])
+    per_task = {task: reference_scores(*pairs) for task, pairs in sorted(groups.items())}
+    return {**overall,
+            "per_task": {task: scores["exact_match"] for task, scores in per_task.items()},
+            "per_task_bleu": {task: scores["bleu"] for task, scores in per_task.items()},
+            "per_task_rouge_l": {task: scores["rouge_l"] for task, scores in per_task.items()},
+            "response_loss": response_loss, "examples": len(answers)}
 
 
 def evaluate_split(
@@ -115,9 +132,11 @@ def write_reports(out_dir: Path, before: dict[str, Any], after: dict[str, Any], 
     def row(name: str, a: float, b: float) -> None:
         lines.append(f"| {name} | {a:.3f} | {b:.3f} | {b - a:+.3f} |")
 
-    row("exact match (all)", before["exact_match"], after["exact_match"])
-    for task in after["per_task"]:
-        row(f"exact match: {task}", before["per_task"].get(task, 0.0), after["per_task"][task])
+    for name, metric, per_task in [("exact match", "exact_match", "per_task"), ("BLEU", "bleu", "per_task_bleu"),
+                                   ("ROUGE-L", "rouge_l", "per_task_rouge_l")]:
+        row(f"{name} (all)", before[metric], after[metric])
+        for task in after[per_task]:
+            row(f"{name}: {task}", before[per_task].get(task, 0.0), after[per_task][task])
     row("response loss", before["response_loss"], after["response_loss"])
     lines += ["", "## Examples", "", "| task | prompt | expected | before | after |", "| --- | --- | --- | --- | --- |"]
     shown: set[str] = set()
