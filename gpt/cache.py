@@ -114,6 +114,16 @@ class KVCache:
         self.step_start, self.length = start, end
         return positions, allowed
 
+    def select_rows(self, rows: torch.Tensor) -> KVCache:
+        """A new cache holding copies of the given rows (a row may repeat): several continuations of
+        one cached context, each continuing its own copy."""
+        chosen = KVCache.__new__(KVCache)
+        chosen.keys, chosen.values = self.keys[:, rows], self.values[:, rows]
+        chosen.key_valid, chosen.next_position = self.key_valid[rows], self.next_position[rows]
+        chosen.max_length, chosen.length, chosen.step_start, chosen.padded = (
+            self.max_length, self.length, self.step_start, self.padded)
+        return chosen
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this step's k, v (B, n_kv_head, T, hd); return all keys and values so far (B, n_kv_head, S, hd)."""
         start, end = self.step_start, self.length

@@ -23,6 +23,7 @@ from .errors import UserError
 from .evaluate import mmlu, text_metrics
 from .evaluate.instruction import reference_scores
 from .evaluate.multiple_choice import MultipleChoiceItem, multiple_choice_metrics, score_items
+from .evaluate.task_report import write_task_report
 from .fetch import cached_path
 from .files import json_lines, write_text
 from .generate import generate, stream_tokens
@@ -245,6 +246,9 @@ def evaluate_cli(argv: list[str]) -> int:
     parser.add_argument("--subjects", default=None, help="mmlu: comma-separated subjects (default: all 57)")
     parser.add_argument("--format", choices=["mcf", "cloze"], default="mcf",
                         help="mmlu: score the answer letters (mcf) or the answer texts (cloze)")
+    parser.add_argument("--report", type=cli_args.output_folder, default=None,
+                        help="--task: a folder for report.json, report.md and (mmlu) categories.png, a bar chart "
+                             "of accuracy per category")
     args = parser.parse_args(argv)
     if not args.text and not args.prompts and not args.task:
         parser.error("give --text FILE, --prompts FILE.jsonl and/or --task")
@@ -317,15 +321,19 @@ def evaluate_task(model: GPT, tokenizer: Tokenizer, args: argparse.Namespace) ->
         items, examples = mmlu.build_items(questions, pool, args.shots, args.seed, args.format)
     else:
         items, examples = read_multiple_choice(args.data)[:args.limit], None
-    scored = []
-    for first in tqdm(range(0, len(items), args.batch_size), desc=args.task, unit="batch", dynamic_ncols=True):
-        scored += score_items(model, tokenizer, items[first:first + args.batch_size], args.batch_size)
-    summary = {"task": args.task, "items": len(items), **multiple_choice_metrics(scored),
-               "seconds": round(time.perf_counter() - start, 1)}
+    with tqdm(total=len(items), desc=args.task, unit="item", dynamic_ncols=True) as progress:
+        scored = score_items(model, tokenizer, items, args.batch_size, progress.update)
+    summary = {"task": args.task, "model": args.model or args.checkpoint or args.preset, "items": len(items),
+               **multiple_choice_metrics(scored), "seconds": round(time.perf_counter() - start, 1)}
     if args.task == "mmlu":
         summary |= {"format": args.format, "shots": args.shots, "seed": args.seed,
                     **mmlu.accuracy_report(questions, scored)}
+    else:
+        summary["data"] = str(args.data)
     print(json.dumps(summary, indent=2))
+    if args.report:
+        written = write_task_report(args.report, summary)
+        print(f"wrote {', '.join(str(path) for path in written)}", file=sys.stderr)
     rows = [{"index": i, **entry, **({"line": questions[i].line, "subject": questions[i].subject,
                                       "example_lines": examples[i]} if examples is not None else {})}
             for i, entry in enumerate(scored)]

@@ -53,6 +53,24 @@ def test_the_prompt_and_the_shots(data):
         mmlu.build_items(questions, questions, shots=3, seed=0, fmt="mcf")
 
 
+def test_a_two_shot_prompt_written_out(data):
+    """The prompt lm-evaluation-harness builds, character for character: header, the shots with their answer
+    letters, the question up to "Answer:"."""
+    questions = mmlu.read_mmlu(data)
+    assert mmlu.prompt(questions[0], [questions[2], questions[1]]) == (
+        "The following are multiple choice questions (with answers) about astronomy.\n\n"
+        "Question 2 about astronomy?\nA. a2\nB. b2\nC. c2\nD. d2\nAnswer: B\n\n"
+        "Question 1 about astronomy?\nA. a1\nB. b1\nC. c1\nD. d1\nAnswer: B\n\n"
+        "Question 0 about astronomy?\nA. a0\nB. b0\nC. c0\nD. d0\nAnswer:")
+    items, examples = mmlu.build_items(questions[4:5], questions, shots=1, seed=0, fmt="mcf")
+    shot = next(n for n in (5, 6) if questions[n].line == examples[0][0])  # the other philosophy question drawn
+    assert items[0].context == (
+        "The following are multiple choice questions (with answers) about philosophy.\n\n"
+        f"Question {shot} about philosophy?\nA. a{shot}\nB. b{shot}\nC. c{shot}\nD. d{shot}\nAnswer: D\n\n"
+        "Question 4 about philosophy?\nA. a4\nB. b4\nC. c4\nD. d4\nAnswer:")
+    assert items[0].choices == [" A", " B", " C", " D"]
+
+
 def test_evaluate_task_mmlu_reports_what_the_items_say(data, tmp_path, capsys):
     torch.manual_seed(0)
     save_checkpoint(tmp_path / "m.pt", GPT(ModelConfig(vocab_size=50257, context_length=256, d_model=32, n_layer=1,
@@ -69,6 +87,23 @@ def test_evaluate_task_mmlu_reports_what_the_items_say(data, tmp_path, capsys):
     assert summary["categories"]["stem"] == summary["subjects"]["astronomy"]
     assert summary["categories"]["humanities"] == summary["subjects"]["philosophy"]
     assert summary["acc"] == sum(r["pred"] == r["answer"] for r in rows) / 7 == summary["overall"]["accuracy"]
+
+
+def test_the_report_folder_holds_the_summary_its_tables_and_a_chart(data, tmp_path, capsys):
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "m.pt", GPT(ModelConfig(vocab_size=50257, context_length=256, d_model=32, n_layer=1,
+                                                       n_head=2)), tokenizer="gpt2")
+    report = tmp_path / "report"
+    assert evaluate_cli(["--checkpoint", str(tmp_path / "m.pt"), "--task", "mmlu", "--data", str(data),
+                         "--out", str(tmp_path / "items.jsonl"), "--report", str(report)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert json.loads((report / "report.json").read_text()) == printed
+    markdown = (report / "report.md").read_text()
+    for name, entry in [*printed["categories"].items(), *printed["subjects"].items()]:
+        assert f"| {name} | {entry['accuracy']:.4f} | {entry['questions']} |" in markdown
+    assert f"| acc | {printed['acc']:.4f} |" in markdown
+    assert (report / "categories.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in report.iterdir()) == ["categories.png", "report.json", "report.md"]  # no temporaries
 
 
 def test_task_mc_bad_lines_and_names(tmp_path):

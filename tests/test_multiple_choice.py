@@ -8,6 +8,7 @@ from gpt.config import ModelConfig
 from gpt.evaluate.multiple_choice import (
     MultipleChoiceItem,
     continuation_loglikelihoods,
+    continuation_loglikelihoods_reference,
     encode_pair,
     multiple_choice_metrics,
     score_items,
@@ -26,14 +27,28 @@ ITEMS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
+ARCHITECTURES = {
+    "gpt2": {},
+    "llama": {"norm": "rmsnorm", "pos_emb": "rope", "mlp": "swiglu", "n_kv_head": 1, "bias": False},
+}
+
+
+def build_models(folder, **architecture):
     torch.manual_seed(0)
-    ours = GPT(ModelConfig(vocab_size=50257, context_length=64, d_model=32, n_layer=2, n_head=2)).eval()
-    folder = tmp_path_factory.mktemp("hf")
-    save_pretrained(ours, folder)
+    ours = GPT(ModelConfig(vocab_size=50257, context_length=64, d_model=32, n_layer=2, n_head=2, **architecture))
+    save_pretrained(ours.eval(), folder)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
     return ours, theirs
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return build_models(tmp_path_factory.mktemp("hf"))
+
+
+@pytest.fixture(scope="module", params=sorted(ARCHITECTURES))
+def both_families(request, tmp_path_factory):
+    return build_models(tmp_path_factory.mktemp(request.param), **ARCHITECTURES[request.param])
 
 
 def test_the_token_split_follows_the_harness():
@@ -57,13 +72,32 @@ def reference_loglikelihood(theirs, context: list[int], continuation: list[int])
 
 
 @pytest.mark.parametrize("batch_size", [1, 3, 16])
-def test_loglikelihoods_equal_transformers_on_the_same_weights(models, batch_size):
-    ours, theirs = models
+@pytest.mark.parametrize("scorer", [continuation_loglikelihoods, continuation_loglikelihoods_reference])
+def test_loglikelihoods_equal_transformers_on_the_same_weights(both_families, scorer, batch_size):
+    ours, theirs = both_families
     requests = [encode_pair(TOKENIZER, item.context, choice) for item in ITEMS for choice in item.choices]
-    scores = continuation_loglikelihoods(ours, requests, batch_size)
+    # Shared contexts whose continuations differ in length, a context cut from the left by a long
+    # continuation beside a short one, and a one-token continuation of a full window.
+    long_context = TOKENIZER.encode("word " * 80)
+    requests += [(long_context[:40], TOKENIZER.encode(" one two three four five six seven eight nine ten")),
+                 (long_context[:40], TOKENIZER.encode(" one")), (long_context, [11]),
+                 (long_context[:62], TOKENIZER.encode(" and so on"))]
+    scores = scorer(ours, requests, batch_size)
+    assert len(scores) == len(requests)
     for (context, continuation), (loglikelihood, tokens, _) in zip(requests, scores):
         assert tokens == len(continuation)
         assert loglikelihood == pytest.approx(reference_loglikelihood(theirs, context, continuation), abs=1e-4)
+
+
+def test_each_request_reported_once_as_scored(models):
+    ours, _ = models
+    requests = [encode_pair(TOKENIZER, item.context, choice) for item in ITEMS for choice in item.choices]
+    heard = []
+    continuation_loglikelihoods(ours, requests, 2, heard.append)
+    assert sorted(index for batch in heard for index in batch) == list(range(len(requests)))
+    done = []
+    score_items(ours, TOKENIZER, ITEMS, 2, done.append)
+    assert sum(done) == len(ITEMS)
 
 
 def test_metrics_pick_as_the_harness_does(models):

@@ -17,15 +17,17 @@ context moves to the start of the continuation, the pair is encoded whole, and t
 continuation is what the whole has beyond the context's own tokens. An empty context is
 scored after the end-of-text token.
 
-Requests are scored in batches, right-padded: a causal model's logits at a position do not
-depend on what follows it, so padding needs no mask. A request longer than the context is
-cut from the left, keeping the whole continuation. One-token continuations of the same
-context share a forward pass.
+A request longer than the model's context is cut from the left, keeping the whole continuation.
+Requests are scored in batches. The plain way (`continuation_loglikelihoods_reference`) runs
+every request as its own row; the fast way (`continuation_loglikelihoods`) runs each distinct
+context once and its choices after it from a KV cache, so the four choices of an MMLU
+question cost one pass over the question, and computes logits only where a choice's token
+is predicted. The tests hold both to transformers on the same weights.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -55,59 +57,157 @@ def encode_pair(tokenizer: Tokenizer, context: str, continuation: str) -> tuple[
 
 @torch.no_grad()
 def continuation_loglikelihoods(
-    model: GPT, requests: Sequence[tuple[list[int], list[int]]], batch_size: int = 8
+    model: GPT, requests: Sequence[tuple[list[int], list[int]]], batch_size: int = 8,
+    on_scored: Callable[[list[int]], None] | None = None,
 ) -> list[tuple[float, int, bool]]:
     """For each (context ids, continuation ids): the continuation's summed log-probability, its token count,
     and whether greedy decoding would have produced it (every token the argmax).
 
-    Requests whose continuation is one token and whose inputs are the same (the letters A-D after one
-    MMLU question) share one forward pass: its last position scores them all.
+    The fast path (`continuation_loglikelihoods_reference` is the plain one, tested equal): requests with
+    the same context share it. Up to `batch_size` distinct contexts, longest first, run through the model
+    once, left-padded, into a KV cache; the last position scores every continuation's first token. The
+    cache's rows are then copied once per continuation longer than one token, and the continuations
+    (right-padded) run through the model after their context. The LM head runs only where a continuation
+    token is predicted. `on_scored` hears the indices of the requests each batch finished.
     """
-    device = model.tok_emb.weight.device
     limit = model.config.context_length + 1  # the last token is never an input
-    sequences = [(context + continuation)[-limit:] for context, continuation in requests]
-    row_of: dict[tuple[int, ...], int] = {}  # a distinct input sequence -> its row among all forwards
-    distinct: list[list[int]] = []  # the input of each row
-    users: list[list[int]] = []  # the requests each row scores
-    for index, sequence in enumerate(sequences):
-        key = tuple(sequence[:-1]) if len(requests[index][1]) == 1 else (index, -1)  # (index, -1): never shared
-        if key not in row_of:
-            row_of[key] = len(distinct)
-            distinct.append(sequence[:-1])
-            users.append([])
-        users[row_of[key]].append(index)
+    contexts: dict[tuple[int, ...], list[int]] = {}  # a context (after the left cut) -> the requests that share it
+    continuations: list[list[int]] = []
+    for index, (context, continuation) in enumerate(requests):
+        if len(continuation) >= limit:
+            raise ValueError(f"a continuation of {len(continuation)} tokens leaves no context in the model's "
+                             f"{model.config.context_length}")
+        whole = (context + continuation)[-limit:]
+        contexts.setdefault(tuple(whole[:-len(continuation)]), []).append(index)
+        continuations.append(list(continuation))
     results: list[tuple[float, int, bool] | None] = [None] * len(requests)
     was_training = model.training
     model.eval()
     try:
-        for start in range(0, len(distinct), batch_size):
-            batch = distinct[start:start + batch_size]
-            ids = torch.zeros(len(batch), max(len(s) for s in batch), dtype=torch.long)  # right-padded with 0
-            for row, sequence in enumerate(batch):
-                ids[row, :len(sequence)] = torch.tensor(sequence)
-            logprobs = torch.log_softmax(model(ids.to(device)).float(), dim=-1)  # (B, T, V)
-            for row in range(start, start + len(batch)):
-                for index in users[row]:
-                    n, end = len(requests[index][1]), len(distinct[row])
-                    targets = torch.tensor(sequences[index][-n:], device=device)  # (n,)
-                    scores = logprobs[row - start, end - n:end]  # (n, V): the positions predicting the continuation
-                    total = float(scores.gather(1, targets[:, None]).sum())
-                    results[index] = (total, n, bool((scores.argmax(dim=-1) == targets).all()))
+        for batch in _batches(contexts, continuations, batch_size, model.config.context_length):
+            members = [contexts[context] for context in batch]
+            _score_batch(model, batch, members, continuations, results)
+            if on_scored is not None:
+                on_scored([index for indices in members for index in indices])
     finally:
         model.train(was_training)
     return results  # type: ignore[return-value]
 
 
+def _batches(
+    contexts: dict[tuple[int, ...], list[int]], continuations: list[list[int]], batch_size: int, context_length: int
+) -> list[list[tuple[int, ...]]]:
+    """The contexts in batches of up to `batch_size`, longest first (similar lengths share a batch, and memory
+    runs out early if at all), each batch fitting the model: its widest context plus its longest continuation."""
+    batches: list[list[tuple[int, ...]]] = []
+    width = extra = 0
+    for context in sorted(contexts, key=len, reverse=True):
+        longest = max(len(continuations[index]) for index in contexts[context]) - 1
+        if batches and len(batches[-1]) < batch_size and width + max(extra, longest) <= context_length:
+            batches[-1].append(context)
+            extra = max(extra, longest)
+        else:
+            batches.append([context])
+            width, extra = len(context), longest
+    return batches
+
+
+def _score_batch(
+    model: GPT, batch: list[tuple[int, ...]], members: list[list[int]], continuations: list[list[int]],
+    results: list[tuple[float, int, bool] | None],
+) -> None:
+    """Score the continuations of one batch of distinct contexts (continuation_loglikelihoods)."""
+    device = model.tok_emb.weight.device
+    width = max(len(context) for context in batch)
+    ids = torch.zeros(len(batch), width, dtype=torch.long)  # left-padded with 0
+    real = torch.zeros(len(batch), width, dtype=torch.bool)
+    for row, context in enumerate(batch):
+        ids[row, width - len(context):] = torch.tensor(context)
+        real[row, width - len(context):] = True
+    longer = [(row, index) for row, indices in enumerate(members) for index in indices
+              if len(continuations[index]) > 1]
+    extra = max((len(continuations[index]) - 1 for _, index in longer), default=0)
+    cache = model.new_cache(len(batch), width + extra)
+    padding_mask = None if bool(real.all()) else real.to(device)
+    last = model.hidden_states(ids.to(device), cache, padding_mask)[:, -1]  # (B, D)
+    first = torch.log_softmax(model.lm_head(last).float(), dim=-1)  # (B, V): each continuation's first token
+    for row, indices in enumerate(members):
+        for index in indices:
+            token = continuations[index][0]
+            results[index] = (float(first[row, token]), 1, int(first[row].argmax()) == token)
+    if not longer:
+        return
+    # Each longer continuation continues its own copy of its context's cache, all in one pass.
+    cache = cache.select_rows(torch.tensor([row for row, _ in longer], device=device))
+    inputs = torch.zeros(len(longer), extra, dtype=torch.long)  # continuation[:-1], right-padded with 0
+    for i, (_, index) in enumerate(longer):
+        inputs[i, :len(continuations[index]) - 1] = torch.tensor(continuations[index][:-1])
+    hidden = model.hidden_states(inputs.to(device), cache)  # (R, extra, D)
+    predicting = torch.cat([hidden[i, :len(continuations[index]) - 1] for i, (_, index) in enumerate(longer)])
+    logprobs = torch.log_softmax(model.lm_head(predicting).float(), dim=-1)  # (sum of lengths - 1, V)
+    targets = torch.tensor([t for _, index in longer for t in continuations[index][1:]], device=device)
+    token_logprobs = logprobs.gather(1, targets[:, None])[:, 0].tolist()
+    hits = (logprobs.argmax(dim=-1) == targets).tolist()
+    offset = 0
+    for _, index in longer:
+        n = len(continuations[index]) - 1
+        total, _, greedy = results[index]  # type: ignore[misc]
+        results[index] = (total + sum(token_logprobs[offset:offset + n]), n + 1, greedy and all(hits[offset:offset + n]))
+        offset += n
+
+
+@torch.no_grad()
+def continuation_loglikelihoods_reference(
+    model: GPT, requests: Sequence[tuple[list[int], list[int]]], batch_size: int = 8
+) -> list[tuple[float, int, bool]]:
+    """The plain version of `continuation_loglikelihoods`: one right-padded row per request, every logit
+    computed. A causal model's logits at a position do not depend on what follows, so padding needs no mask."""
+    device = model.tok_emb.weight.device
+    limit = model.config.context_length + 1
+    sequences = [(context + continuation)[-limit:] for context, continuation in requests]
+    results = []
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(requests), batch_size):
+            batch = sequences[start:start + batch_size]
+            ids = torch.zeros(len(batch), max(len(s) - 1 for s in batch), dtype=torch.long)  # right-padded
+            for row, sequence in enumerate(batch):
+                ids[row, :len(sequence) - 1] = torch.tensor(sequence[:-1])
+            logprobs = torch.log_softmax(model(ids.to(device)).float(), dim=-1)  # (B, T, V)
+            for row, sequence in enumerate(batch):
+                n, end = len(requests[start + row][1]), len(sequence) - 1
+                targets = torch.tensor(sequence[-n:], device=device)  # (n,)
+                scores = logprobs[row, end - n:end]  # (n, V): the positions predicting the continuation
+                results.append((float(scores.gather(1, targets[:, None]).sum()), n,
+                                bool((scores.argmax(dim=-1) == targets).all())))
+    finally:
+        model.train(was_training)
+    return results
+
+
 def score_items(
-    model: GPT, tokenizer: Tokenizer, items: Sequence[MultipleChoiceItem], batch_size: int = 8
+    model: GPT, tokenizer: Tokenizer, items: Sequence[MultipleChoiceItem], batch_size: int = 8,
+    on_items_done: Callable[[int], None] | None = None,
 ) -> list[dict]:
-    """Every choice of every item scored: per item its log-likelihoods, token counts and the three picks."""
+    """Every choice of every item scored: per item its log-likelihoods, token counts and the three picks.
+    `on_items_done` hears how many more items have every choice scored, batch by batch (a progress bar)."""
     requests, owners = [], []
     for index, item in enumerate(items):
         for choice in item.choices:
             requests.append(encode_pair(tokenizer, item.context, choice))
             owners.append(index)
-    scores = continuation_loglikelihoods(model, requests, batch_size)
+    unscored = [len(item.choices) for item in items]
+
+    def count_finished(indices: list[int]) -> None:
+        finished = 0
+        for index in indices:
+            unscored[owners[index]] -= 1
+            finished += unscored[owners[index]] == 0
+        if on_items_done is not None and finished:
+            on_items_done(finished)
+
+    scores = continuation_loglikelihoods(model, requests, batch_size, count_finished)
     scored: list[dict] = [{"answer": item.answer, "loglikelihoods": [], "tokens": []} for item in items]
     for owner, (loglikelihood, tokens, _) in zip(owners, scores):
         scored[owner]["loglikelihoods"].append(loglikelihood)
