@@ -1,7 +1,7 @@
 """MMLU scored by us and by lm-evaluation-harness' `hf` backend on the same items: agreement and items/s.
 
     python -m benchmarks.mmlu [--model smollm2-135m-instruct] [--per-subject 10] [--shots 0]
-                              [--format mcf|cloze] [--batch-size 8] [--harness-batch-size 8] [--out FILE.json]
+                              [--format mcf|cloze] [--subjects A,B] [--batch-size 8] [--harness-batch-size 8] [--out FILE.json]
 
 Both sides score the same prompts: this script builds them with gpt.evaluate.mmlu (the first
 `--per-subject` questions of every subject, `--shots` seeded same-subject examples) and hands
@@ -82,6 +82,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--per-subject", type=int, default=10, help="the first N questions of every subject")
+    parser.add_argument("--subjects", default=None, help="comma-separated subjects (default: all 57)")
     parser.add_argument("--shots", type=int, default=0)
     parser.add_argument("--format", choices=mmlu.FORMATS, default="mcf")
     parser.add_argument("--seed", type=int, default=0)
@@ -93,7 +94,8 @@ def main() -> None:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
     pool = mmlu.read_mmlu(cached_path("mmlu"))
-    questions = mmlu.select(pool, None, args.per_subject)
+    subjects = [subject.strip() for subject in args.subjects.split(",")] if args.subjects else None
+    questions = mmlu.select(pool, subjects, args.per_subject)
     items, _ = mmlu.build_items(questions, pool, args.shots, args.seed, args.format)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
