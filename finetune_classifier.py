@@ -4,6 +4,7 @@
     python finetune_classifier.py --model smollm2-135m-instruct --train.trainable last:2
     python finetune_classifier.py --model smollm2-135m-instruct --train.trainable lora --lora.rank 8
     python finetune_classifier.py --model runs/pretrain-.../ --data.path reviews.jsonl
+    python finetune_classifier.py --model smollm2-135m-instruct --eval.mmlu 200   # + MMLU before and after
     python -m gpt classify --checkpoint runs/classifier-... "Claim your free prize now!"
 
 `--model` takes our own pretraining checkpoint or run folder, a Hugging Face folder, a GGUF
@@ -20,6 +21,8 @@ report.json (`before` and `after`: accuracy, macro F1, per-class precision/recal
 confusion matrix, ROC AUC and the threshold tuned on validation for two classes),
 report.md (the two side by side), and checkpoints/final.pt: the best checkpoint's
 weights with any LoRA adapters merged in, which `python -m gpt classify` loads.
+With `--eval.mmlu N`, N fixed MMLU questions are scored too, before and after: the
+body read through the LM head it had before fine-tuning (gpt.evaluate.general_knowledge).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from gpt.classifier import ClassifierConfig, GPTClassifier, classifier_info
 from gpt.config import LoRAConfig, ModelConfig, Section, save_config_json
 from gpt.data import ClassificationDataConfig, Splits, class_weights, describe_splits, read_splits, tokenize_splits
 from gpt.errors import run_cli
+from gpt.evaluate import general_knowledge
 from gpt.evaluate.classifier_report import evaluate_classifier, summary_line, write_reports
 from gpt.scripts import (
     FinetuneTrainConfig,
@@ -51,7 +55,7 @@ from gpt.train import train
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "classifier.toml"
 SECTIONS: dict[str, type[Section]] = {"model": ModelConfig, "train": FinetuneTrainConfig,
                                       "data": ClassificationDataConfig, "classifier": ClassifierConfig,
-                                      "lora": LoRAConfig}
+                                      "lora": LoRAConfig, "eval": general_knowledge.EvalConfig}
 MODEL_HELP = ("checkpoint or run folder, Hugging Face folder, .gguf file, known name (smollm2-135m-instruct) "
               "or preset (tiny); default: the [model] section")
 
@@ -71,9 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     model_cfg, train_cfg, data_cfg, classifier_cfg, lora_cfg = (
         config[k] for k in ("model", "train", "data", "classifier", "lora"))
     splits = read_splits(data_cfg)  # bad data stops here, before a run folder or a model exists
+    mmlu = general_knowledge.load_subset(config["eval"])  # and so does a missing MMLU file
     with setup_runtime(train_cfg, "classifier") as runtime:
         loaded = load_model(source, model_cfg)
         max_length = classifier_cfg.length_for(loaded.model.config.context_length)
+        # The LM head, kept for the MMLU scores: the class head replaces it.
+        lm_head = general_knowledge.original_head(loaded.model) if mmlu is not None else None
         model = GPTClassifier(loaded.model, len(splits.labels), classifier_cfg.pooling, max_length)
         lora = lora_cfg.settings() if train_cfg.trainable == "lora" else None
         trains = set_trainable(model.gpt, train_cfg.trainable, lora, head=model.head)
@@ -95,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
             report["before"] = evaluate_classifier(model, datasets, splits.labels, eval_batch_size, runtime.device,
                                                    runtime.autocast())
             print(summary_line("before training (test split)", report["before"], splits.labels))
+            if mmlu is not None:
+                with general_knowledge.with_lm_head(model.gpt, lm_head) as language_model:
+                    report["before"]["mmlu"] = mmlu.score(language_model, loaded.tokenizer, eval_batch_size,
+                                                          runtime.autocast())
             write_reports(runtime.out_dir, report, splits.labels)
         info = classifier_info(splits.labels, classifier_cfg.pooling, max_length, pad_id, lora)
         task = classifier_task(model, datasets, splits.labels, train_cfg, runtime, class_weight=weights,
@@ -107,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
         final = best_weights(model, runtime.out_dir, runtime.device, lora_body=model.gpt if lora else None)
         after = report["after"] = evaluate_classifier(model, datasets, splits.labels, eval_batch_size, runtime.device,
                                                       runtime.autocast())
+        if mmlu is not None:
+            with general_knowledge.with_lm_head(model.gpt, lm_head) as language_model:
+                after["mmlu"] = mmlu.score(language_model, loaded.tokenizer, eval_batch_size, runtime.autocast())
         threshold = after["tuned_threshold"]["threshold"] if "tuned_threshold" in after else None
         save_checkpoint(final, model, tokenizer=loaded.tokenizer_name, step=result.steps, train_config=train_cfg.to_dict(),
                         classifier=classifier_info(splits.labels, classifier_cfg.pooling, max_length, pad_id,
@@ -117,9 +131,12 @@ def main(argv: list[str] | None = None) -> int:
             "split_sizes": {name: len(d) for name, d in datasets.items()}, "max_length": max_length,
             "steps": result.steps, "stopped_early": result.stopped_early, "train_seconds": result.train_seconds,
             "wall_seconds": time.perf_counter() - started, "peak_memory_mib": peak_memory_mib(runtime.device),
+            **({"mmlu_subset": mmlu.description()} if mmlu is not None else {}),
         }
         write_reports(runtime.out_dir, report, splits.labels)
         print(summary_line("after training (test split)", after, splits.labels))
+        if mmlu is not None:
+            print(general_knowledge.summary_line(report["before"]["mmlu"], after["mmlu"]))
         print(f"{result.steps} steps, {result.train_seconds:.0f} s of training, {report['run']['wall_seconds']:.0f} s "
               f"in all; peak memory {report['run']['peak_memory_mib']:,.0f} MiB; wrote {runtime.out_dir / 'report.md'} "
               f"and {final}")

@@ -3,6 +3,7 @@
     python finetune_instruct.py                          # SmolLM2-135M-Instruct + LoRA on data/instructions.json
     python finetune_instruct.py --train.trainable all    # full fine-tuning instead of LoRA
     python finetune_instruct.py --data.mask_prompt false # the loss on the prompt tokens too
+    python finetune_instruct.py --eval.mmlu 200          # and 200 fixed MMLU questions, before and after
     python finetune_instruct.py --model runs/pretrain-.../ --data.template alpaca --train.trainable all
 
 `--model` takes a known name (fetched on first use, with a message), a GGUF file, a Hugging
@@ -29,6 +30,7 @@ from gpt.checkpoint import save_checkpoint
 from gpt.config import LoRAConfig, Section, save_config_json
 from gpt.data import InstructDataConfig, describe_dataset, instruction_datasets, split_records
 from gpt.errors import UserError, run_cli
+from gpt.evaluate import general_knowledge
 from gpt.evaluate.instruction import answer_rows, evaluate_split, write_reports
 from gpt.scripts import (
     FinetuneTrainConfig,
@@ -58,7 +60,8 @@ class InstructTrainConfig(FinetuneTrainConfig):
     trainable: str = field(default="lora", metadata={"help": "lora (adapters, see [lora]) | all (full fine-tuning)"})
 
 
-SECTIONS: dict[str, type[Section]] = {"train": InstructTrainConfig, "data": InstructDataConfig, "lora": LoRAConfig}
+SECTIONS: dict[str, type[Section]] = {"train": InstructTrainConfig, "data": InstructDataConfig, "lora": LoRAConfig,
+                                      "eval": general_knowledge.EvalConfig}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
                                        sections=SECTIONS, default_config=DEFAULT_CONFIG, model_default=DEFAULT_MODEL,
                                        model_help=MODEL_HELP)
     train_cfg, data_cfg, lora_cfg = config["train"], config["data"], config["lora"]
+    mmlu = general_knowledge.load_subset(config["eval"])  # a missing MMLU file stops here, before any work
     with setup_runtime(train_cfg, "instruct") as runtime:
         loaded = load_model(source, seed=train_cfg.seed)
         model, tokenizer = loaded.model, loaded.tokenizer
@@ -88,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
                                   device=runtime.device, autocast=runtime.autocast())
 
         before, before_answers = evaluate_test()
+        if mmlu is not None:
+            before["mmlu"] = mmlu.score(model, tokenizer, data_cfg.eval_batch_size, runtime.autocast())
         lora = lora_cfg.settings() if train_cfg.trainable == "lora" else None
         trains = set_trainable(model, train_cfg.trainable, lora)
         trainable_parameters, _ = count_parameters(model)
@@ -104,11 +110,14 @@ def main(argv: list[str] | None = None) -> int:
         final = best_weights(model, runtime.out_dir, runtime.device, lora_body=model if lora else None)
         save_checkpoint(final, model, tokenizer=loaded.tokenizer_name, step=result.steps, template=data_cfg.template)
         after, after_answers = evaluate_test()
+        if mmlu is not None:
+            after["mmlu"] = mmlu.score(model, tokenizer, data_cfg.eval_batch_size, runtime.autocast())
         run = {"model": loaded.description, "trainable": train_cfg.trainable, "trains": trains,
                "trainable_parameters": trainable_parameters, "template": data_cfg.template,
                "mask_prompt": data_cfg.mask_prompt, "steps": result.steps,
                "wall_seconds": round(time.perf_counter() - started, 1),
-               "peak_memory_mib": round(peak_memory_mib(runtime.device))}
+               "peak_memory_mib": round(peak_memory_mib(runtime.device)),
+               **({"mmlu_subset": mmlu.description()} if mmlu is not None else {})}
         write_reports(runtime.out_dir, before, after, answer_rows(splits["test"], before_answers, after_answers), run)
         print(f"after training:  exact match {after['exact_match']:.3f} (before {before['exact_match']:.3f}), "
               f"BLEU {after['bleu']:.2f} (before {before['bleu']:.2f}), "
@@ -116,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
               f"response loss {after['response_loss']:.4f} (before {before['response_loss']:.4f})")
         print("per task: " + ", ".join(f"{t} {before['per_task'].get(t, 0):.2f}->{v:.2f}"
                                        for t, v in after["per_task"].items()))
+        if mmlu is not None:
+            print(general_knowledge.summary_line(before["mmlu"], after["mmlu"]))
         print(f"wall time {run['wall_seconds']:.0f} s, peak memory {run['peak_memory_mib']:,} MiB; "
               f"report: {runtime.out_dir / 'report.md'}")
         return 0

@@ -25,6 +25,7 @@ from .evaluate.instruction import reference_scores
 from .evaluate.multiple_choice import MultipleChoiceItem, multiple_choice_metrics, score_items
 from .evaluate.task_report import write_task_report
 from .fetch import cached_path
+from .few_shot import FewShotPrompts, read_examples
 from .files import json_lines, write_text
 from .generate import generate, stream_tokens
 from .model import GPT
@@ -102,6 +103,23 @@ def stream_reply(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], args: 
     return "".join(pieces), count
 
 
+def add_few_shot_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--few-shot", type=cli_args.existing_file, default=None,
+                        help="JSONL with one {'input': ..., 'output': ...} per line: each prompt becomes 'Input: "
+                             "<prompt>\\nOutput:' after --shots of these examples laid out the same way, drawn "
+                             "with --seed (--shots 0: the same layout without examples, zero-shot)")
+
+
+def few_shot_prompts(args: argparse.Namespace) -> FewShotPrompts | None:
+    """--few-shot FILE with --shots K and --seed: the builder of few-shot prompts, or None without --few-shot."""
+    if args.few_shot is None:
+        return None
+    prompts = FewShotPrompts(read_examples(args.few_shot), args.shots, args.seed, source=str(args.few_shot))
+    print(f"[few-shot: {args.shots} example(s) of {args.few_shot} before each prompt, drawn with seed {args.seed}]",
+          file=sys.stderr)
+    return prompts
+
+
 # ----------------------------------------------------------------------------
 # generate
 # ----------------------------------------------------------------------------
@@ -116,12 +134,22 @@ def generate_cli(argv: list[str]) -> int:
     parser.add_argument("--prompt", type=cli_args.non_empty_text, default="The",
                         help="text to continue (default: %(default)r)")
     add_sampling_arguments(parser, temperature=0.8)
+    add_few_shot_argument(parser)
+    parser.add_argument("--shots", type=cli_args.non_negative_int, default=0,
+                        help="with --few-shot: examples before the prompt (default: %(default)s)")
     args = parser.parse_args(argv)
+    if args.shots and not args.few_shot:
+        parser.error("--shots needs --few-shot FILE.jsonl, the examples to draw from")
 
+    few_shot = few_shot_prompts(args)
+    text = args.prompt
+    if few_shot is not None:
+        text, used = few_shot.build(args.prompt)
+        print(f"[few-shot examples: line(s) {[e.line for e in used]} of {args.few_shot}]", file=sys.stderr)
     model, tokenizer = model_from_args(args)
-    prompt_ids = fit_prompt(tokenizer.encode(args.prompt), args.max_new_tokens, model.config.context_length)
+    prompt_ids = fit_prompt(tokenizer.encode(text), args.max_new_tokens, model.config.context_length)
     generator = torch.Generator(device=model.tok_emb.weight.device).manual_seed(args.seed)
-    sys.stdout.write(args.prompt)
+    sys.stdout.write(text)
     start = time.perf_counter()
     _, count = stream_reply(model, tokenizer, prompt_ids, args, generator)
     elapsed = time.perf_counter() - start
@@ -240,7 +268,9 @@ def evaluate_cli(argv: list[str]) -> int:
     parser.add_argument("--data", type=cli_args.existing_file, help="the --task's items (default for mmlu: the "
                                                                     "fetched test set)")
     parser.add_argument("--shots", type=cli_args.non_negative_int, default=0,
-                        help="mmlu: examples of the same subject before each question")
+                        help="mmlu: examples of the same subject before each question; --prompts with --few-shot: "
+                             "examples of that file before each prompt")
+    add_few_shot_argument(parser)
     parser.add_argument("--limit", type=cli_args.positive_int, default=None,
                         help="mmlu: the first N questions of each subject; mc: the first N items")
     parser.add_argument("--subjects", default=None, help="mmlu: comma-separated subjects (default: all 57)")
@@ -254,6 +284,10 @@ def evaluate_cli(argv: list[str]) -> int:
         parser.error("give --text FILE, --prompts FILE.jsonl and/or --task")
     if args.task == "mc" and not args.data:
         parser.error("--task mc needs --data FILE.jsonl")
+    if args.few_shot and not args.prompts:
+        parser.error("--few-shot builds the prompts of --prompts FILE.jsonl")
+    if args.shots and args.task != "mmlu" and not args.few_shot:
+        parser.error("--shots applies to --task mmlu, and to --prompts with --few-shot FILE.jsonl")
     if args.window and args.stride and args.stride > args.window:
         parser.error(f"--stride {args.stride} exceeds --window {args.window}: the tokens between windows "
                      "would never be scored")
@@ -261,6 +295,7 @@ def evaluate_cli(argv: list[str]) -> int:
     if (args.prompts or args.task) and any(args.out.resolve() == path.resolve() for path in inputs):
         parser.error(f"--out {args.out} is an input file; the responses would overwrite it")
 
+    few_shot = few_shot_prompts(args)
     model, tokenizer = model_from_args(args)
     if args.text:
         try:
@@ -285,9 +320,16 @@ def evaluate_cli(argv: list[str]) -> int:
         records = read_prompts(args.prompts)
         use_chat = args.template == "chat" or (args.template == "auto" and tokenizer.chat_template is not None)
         texts = []
-        for record in records:
-            messages = record.get("messages") or [{"role": "user", "content": record["prompt"]}]
-            texts.append(chat_prompt(messages, tokenizer) if use_chat or "messages" in record else record["prompt"])
+        for index, record in enumerate(records):
+            prompt = record.get("prompt")
+            if few_shot is not None:
+                if prompt is None:
+                    raise UserError(f"{args.prompts}, prompt {index + 1}: --few-shot builds on a 'prompt', "
+                                    "not on a chat ('messages')")
+                prompt, used = few_shot.build(prompt)
+                record["few_shot_lines"] = [example.line for example in used]  # written to --out with the response
+            messages = record.get("messages") or [{"role": "user", "content": prompt}]
+            texts.append(chat_prompt(messages, tokenizer) if use_chat or "messages" in record else prompt)
         prompt_ids = [fit_prompt(tokenizer.encode(t, allowed_special="all"), args.max_new_tokens,
                                  model.config.context_length) for t in texts]
         responses = []
@@ -296,6 +338,8 @@ def evaluate_cli(argv: list[str]) -> int:
             outputs = generate(model, batch, args.max_new_tokens, temperature=0.0, eos_id=tokenizer.eot_id)
             for prompt, output in zip(batch, outputs):
                 responses.append(tokenizer.decode([t for t in output[len(prompt):] if t != tokenizer.eot_id]))
+        if few_shot is not None:  # the answer ends where the model would start another example
+            responses = [few_shot.template.answer(response) for response in responses]
         write_text(args.out, "".join(json.dumps({**record, "response": response}, ensure_ascii=False) + "\n"
                                      for record, response in zip(records, responses)))
         print(f"wrote {len(records)} responses to {args.out}")

@@ -23,6 +23,7 @@ from ..files import write_json, write_text
 from ..classifier import GPTClassifier, decide, predict
 from ..data import ClassificationDataset, iterate_classification_eval
 from .classification import classification_report, format_report_markdown, tune_threshold
+from .general_knowledge import markdown_rows
 
 REPORT_KEYS = ("accuracy", "macro_f1", "per_class", "confusion_matrix")
 
@@ -81,6 +82,14 @@ def write_reports(out_dir: Path, report: dict[str, Any], labels: list[str]) -> N
             f"validation split: {tb['threshold']:.4f} before training, {ta['threshold']:.4f} after "
             "(`python -m gpt classify --threshold tuned` applies the latter).", "",
             format_report_markdown(tb["test"], ta["test"], labels),
+        ]
+    if "mmlu" in before and "mmlu" in after:
+        lines += [
+            "## General knowledge: MMLU", "",
+            f"{run['mmlu_subset']['questions']} fixed questions, 0-shot, the answer letters scored by the body read "
+            "through the LM head the model had before fine-tuning (the class head replaced it).", "",
+            "| metric | before | after | change |", "| --- | ---: | ---: | ---: |",
+            *markdown_rows(before["mmlu"], after["mmlu"]), "",
         ]
     write_text(out_dir / "report.md", "\n".join(lines))
 

@@ -31,6 +31,7 @@ from ..generate import generate
 from ..model import GPT
 from ..prompts import expected_response
 from ..tokenizer import Tokenizer
+from .general_knowledge import markdown_rows
 from .language_model import language_model_metrics
 from .text_overlap import corpus_bleu, mean_rouge_l
 
@@ -138,6 +139,8 @@ def write_reports(out_dir: Path, before: dict[str, Any], after: dict[str, Any], 
         for task in after[per_task]:
             row(f"{name}: {task}", before[per_task].get(task, 0.0), after[per_task][task])
     row("response loss", before["response_loss"], after["response_loss"])
+    if "mmlu" in after:  # the fixed MMLU questions of general_knowledge.py
+        lines += markdown_rows(before["mmlu"], after["mmlu"])
     lines += ["", "## Examples", "", "| task | prompt | expected | before | after |", "| --- | --- | --- | --- | --- |"]
     shown: set[str] = set()
     for r in rows:

@@ -23,7 +23,8 @@ and scored by log-likelihood (gpt.evaluate.multiple_choice) in one of two format
     mcf     the choices are the letters " A" .. " D"
     cloze   the choices are the answer texts (after "Answer:")
 
-K-shot examples come from the same subject, never the question itself, drawn with a seed.
+K-shot examples come from the same subject, never the question itself, drawn with a seed; the
+prompt is a few-shot prompt of gpt.few_shot (each example's output is " <letter>").
 Subjects group into lm-evaluation-harness' four categories (STEM, humanities, social
 sciences, other); a category's accuracy is over its questions, not a mean of subjects.
 """
@@ -39,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
+from ..few_shot import Example, FewShotTemplate, draw_examples
 from .multiple_choice import MultipleChoiceItem
 
 LETTERS = "ABCD"
@@ -113,16 +115,20 @@ def select(questions: Sequence[Question], subjects: Sequence[str] | None, limit:
     return chosen
 
 
-def format_question(question: Question, with_answer: bool) -> str:
+def format_question(question: Question) -> str:
+    """The question and its lettered choices, up to the "Answer:" that the answer letter follows."""
     lines = [question.question.strip(), *(f"{letter}. {text}" for letter, text in zip(LETTERS, question.choices))]
-    return "\n".join(lines) + "\nAnswer:" + (f" {LETTERS[question.answer]}\n\n" if with_answer else "")
+    return "\n".join(lines) + "\nAnswer:"
 
 
 def prompt(question: Question, shots: Sequence[Question]) -> str:
-    """The standard MMLU prompt for `question` after its `shots` examples (module docstring)."""
-    header = f"The following are multiple choice questions (with answers) about {question.subject}.\n\n"
-    return header + "".join(format_question(shot, with_answer=True) for shot in shots) + \
-        format_question(question, with_answer=False)
+    """The standard MMLU prompt for `question` after its `shots` examples (module docstring): a few-shot
+    prompt whose examples are the questions with " <letter>" as their output."""
+    template = FewShotTemplate(example="{input}{output}", separator="\n\n",
+                               header=f"The following are multiple choice questions (with answers) about "
+                                      f"{question.subject}.\n\n")
+    examples = [Example(format_question(shot), f" {LETTERS[shot.answer]}", shot.line) for shot in shots]
+    return template.prompt(examples, format_question(question))
 
 
 def build_items(
@@ -138,10 +144,8 @@ def build_items(
     rng = random.Random(seed)
     items, examples = [], []
     for question in questions:
-        candidates = [q for q in by_subject[question.subject] if q.line != question.line]
-        if len(candidates) < shots:
-            raise UserError(f"--shots {shots}: subject {question.subject!r} has only {len(candidates)} other questions")
-        chosen = rng.sample(candidates, shots)
+        chosen = draw_examples(by_subject[question.subject], shots, rng, lambda q: q.line == question.line,
+                               where=f"subject {question.subject!r}", unit="questions")
         choices = [f" {letter}" for letter in LETTERS] if fmt == "mcf" else [f" {text}" for text in question.choices]
         items.append(MultipleChoiceItem(prompt(question, chosen), choices, question.answer))
         examples.append([q.line for q in chosen])
