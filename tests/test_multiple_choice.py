@@ -7,6 +7,8 @@ import torch
 from gpt.config import ModelConfig
 from gpt.evaluate.multiple_choice import (
     MultipleChoiceItem,
+    _batches,
+    _shared_start_groups,
     continuation_loglikelihoods,
     continuation_loglikelihoods_reference,
     encode_pair,
@@ -82,11 +84,32 @@ def test_loglikelihoods_equal_transformers_on_the_same_weights(both_families, sc
     requests += [(long_context[:40], TOKENIZER.encode(" one two three four five six seven eight nine ten")),
                  (long_context[:40], TOKENIZER.encode(" one")), (long_context, [11]),
                  (long_context[:62], TOKENIZER.encode(" and so on"))]
+    # Contexts that begin alike (few-shot examples before different questions), one of them the start itself,
+    # and one whose remainder and continuation no longer fit beside the start in one batch.
+    start = TOKENIZER.encode("Examples: " + "one two three " * 8)
+    requests += [(start + TOKENIZER.encode(f" question {n}?" * n), TOKENIZER.encode(" yes" if n % 2 else " no, not"))
+                 for n in range(1, 5)]
+    requests += [(start, TOKENIZER.encode(" maybe")), (start + TOKENIZER.encode(" the end" * 15), [11, 12]),
+                 (start + [13, 14], TOKENIZER.encode(" and then" * 10))]
     scores = scorer(ours, requests, batch_size)
     assert len(scores) == len(requests)
     for (context, continuation), (loglikelihood, tokens, _) in zip(requests, scores):
         assert tokens == len(continuation)
         assert loglikelihood == pytest.approx(reference_loglikelihood(theirs, context, continuation), abs=1e-4)
+
+
+def test_contexts_that_begin_alike_run_their_start_once():
+    start = tuple(range(100, 130))
+    contexts = [start + (1, 2, 3), (7,) * 40, start + (4,), start, (7,) * 10 + (8,) * 30, (9, 9)]
+    groups = _shared_start_groups(contexts)
+    assert sorted(groups) == sorted([(29, [start, start + (1, 2, 3), start + (4,)]), (0, [(7,) * 10 + (8,) * 30]),
+                                     (0, [(7,) * 40]), (0, [(9, 9)])])
+    # A batch holds the shared start, its widest remainder and its longest continuation within the context.
+    extra = {start + (1, 2, 3): 0, start + (4,): 31, start: 0}
+    assert _batches([start, start + (1, 2, 3), start + (4,)], 29, extra, 8, 62) == [[start + (1, 2, 3)],
+                                                                                   [start + (4,), start]]
+    assert _batches([start, start + (1, 2, 3), start + (4,)], 29, extra, 8, 64) == [[start + (1, 2, 3), start + (4,),
+                                                                                    start]]
 
 
 def test_each_request_reported_once_as_scored(models):

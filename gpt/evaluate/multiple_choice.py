@@ -21,8 +21,9 @@ A request longer than the model's context is cut from the left, keeping the whol
 Requests are scored in batches. The plain way (`continuation_loglikelihoods_reference`) runs
 every request as its own row; the fast way (`continuation_loglikelihoods`) runs each distinct
 context once and its choices after it from a KV cache, so the four choices of an MMLU
-question cost one pass over the question, and computes logits only where a choice's token
-is predicted. The tests hold both to transformers on the same weights.
+question cost one pass over the question; runs the start that contexts share (a subject's
+few-shot examples) once; and computes logits only where a choice's token is predicted. The
+tests hold both to transformers on the same weights.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..cache import KVCache
 from ..model import GPT
 from ..tokenizer import Tokenizer
 
@@ -63,12 +65,18 @@ def continuation_loglikelihoods(
     """For each (context ids, continuation ids): the continuation's summed log-probability, its token count,
     and whether greedy decoding would have produced it (every token the argmax).
 
-    The fast path (`continuation_loglikelihoods_reference` is the plain one, tested equal): requests with
-    the same context share it. Up to `batch_size` distinct contexts, longest first, run through the model
-    once, left-padded, into a KV cache; the last position scores every continuation's first token. The
-    cache's rows are then copied once per continuation longer than one token, and the continuations
-    (right-padded) run through the model after their context. The LM head runs only where a continuation
-    token is predicted. `on_scored` hears the indices of the requests each batch finished.
+    The fast path (`continuation_loglikelihoods_reference` is the plain one, tested equal) runs no token
+    twice where it can help it:
+
+    - requests with the same context share it: it runs once, into a KV cache, and the last position
+      scores every continuation's first token; each continuation longer than one token then runs on
+      its own copy of the cache (the four answer texts of an MMLU question: one pass over the question);
+    - contexts that mostly agree at the start (a subject's few-shot examples) share that part: it runs
+      once, and each context's own remainder continues from a copy of its cache;
+    - up to `batch_size` contexts run together, longest first, left-padded; the LM head runs only
+      where a continuation token is predicted.
+
+    `on_scored` hears the indices of the requests each batch finished.
     """
     limit = model.config.context_length + 1  # the last token is never an input
     contexts: dict[tuple[int, ...], list[int]] = {}  # a context (after the left cut) -> the requests that share it
@@ -80,54 +88,104 @@ def continuation_loglikelihoods(
         whole = (context + continuation)[-limit:]
         contexts.setdefault(tuple(whole[:-len(continuation)]), []).append(index)
         continuations.append(list(continuation))
+    extra = {context: max(len(continuations[index]) for index in indices) - 1 for context, indices in contexts.items()}
     results: list[tuple[float, int, bool] | None] = [None] * len(requests)
     was_training = model.training
     model.eval()
     try:
-        for batch in _batches(contexts, continuations, batch_size, model.config.context_length):
-            members = [contexts[context] for context in batch]
-            _score_batch(model, batch, members, continuations, results)
-            if on_scored is not None:
-                on_scored([index for indices in members for index in indices])
+        for shared, group in _shared_start_groups(list(contexts)):
+            prefix = _run_prefix(model, group[0][:shared], max(len(c) for c in group) + max(extra[c] for c in group))
+            for batch in _batches(group, shared, extra, batch_size, model.config.context_length):
+                members = [contexts[context] for context in batch]
+                _score_batch(model, [context[shared:] for context in batch], prefix, members, continuations, results)
+                if on_scored is not None:
+                    on_scored([index for indices in members for index in indices])
     finally:
         model.train(was_training)
     return results  # type: ignore[return-value]
 
 
+def _shared_start_groups(contexts: list[tuple[int, ...]]) -> list[tuple[int, list[tuple[int, ...]]]]:
+    """The contexts in groups that begin with the same tokens, as (how many tokens they share, members).
+
+    Sorted, contexts that share a start are neighbours. A context joins its neighbour's group when it
+    begins with all the group shares, or, joining a lone context, when the two share at least half of
+    it; every member keeps at least one token of its own (its last position scores its choices).
+    """
+    groups: list[tuple[int, list[tuple[int, ...]]]] = []
+    for context in sorted(contexts):
+        if groups:
+            shared, members = groups[-1]
+            common = min(_common_length(members[0], context), len(context) - 1)
+            if len(members) == 1:
+                common = min(common, len(members[0]) - 1)
+                if 2 * common >= len(context):
+                    groups[-1] = (common, [*members, context])
+                    continue
+            elif common >= shared:
+                members.append(context)
+                continue
+        groups.append((0, [context]))
+    return groups
+
+
+def _common_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many tokens `a` and `b` share at their start."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _run_prefix(model: GPT, prefix: tuple[int, ...], max_length: int) -> KVCache | None:
+    """A one-row KV cache holding `prefix` (room for `max_length` positions), or None for no prefix."""
+    if not prefix:
+        return None
+    cache = model.new_cache(1, min(max_length, model.config.context_length))
+    model.hidden_states(torch.tensor([prefix], device=model.tok_emb.weight.device), cache)
+    return cache
+
+
 def _batches(
-    contexts: dict[tuple[int, ...], list[int]], continuations: list[list[int]], batch_size: int, context_length: int
+    group: list[tuple[int, ...]], shared: int, extra: dict[tuple[int, ...], int], batch_size: int, context_length: int
 ) -> list[list[tuple[int, ...]]]:
-    """The contexts in batches of up to `batch_size`, longest first (similar lengths share a batch, and memory
-    runs out early if at all), each batch fitting the model: its widest context plus its longest continuation."""
+    """A group's contexts in batches of up to `batch_size`, longest first (similar lengths share a batch, and
+    memory runs out early if at all), each batch fitting the model: the shared start, the widest remainder,
+    and the longest continuation after it."""
     batches: list[list[tuple[int, ...]]] = []
-    width = extra = 0
-    for context in sorted(contexts, key=len, reverse=True):
-        longest = max(len(continuations[index]) for index in contexts[context]) - 1
-        if batches and len(batches[-1]) < batch_size and width + max(extra, longest) <= context_length:
+    width = longest = 0
+    for context in sorted(group, key=len, reverse=True):
+        if batches and len(batches[-1]) < batch_size and shared + width + max(longest, extra[context]) <= context_length:
             batches[-1].append(context)
-            extra = max(extra, longest)
+            longest = max(longest, extra[context])
         else:
             batches.append([context])
-            width, extra = len(context), longest
+            width, longest = len(context) - shared, extra[context]
     return batches
 
 
 def _score_batch(
-    model: GPT, batch: list[tuple[int, ...]], members: list[list[int]], continuations: list[list[int]],
-    results: list[tuple[float, int, bool] | None],
+    model: GPT, remainders: list[tuple[int, ...]], prefix: KVCache | None, members: list[list[int]],
+    continuations: list[list[int]], results: list[tuple[float, int, bool] | None],
 ) -> None:
-    """Score the continuations of one batch of distinct contexts (continuation_loglikelihoods)."""
+    """Score the continuations of one batch of distinct contexts, given as what follows the `prefix` cache
+    they share (the whole context when there is none) (continuation_loglikelihoods)."""
     device = model.tok_emb.weight.device
-    width = max(len(context) for context in batch)
-    ids = torch.zeros(len(batch), width, dtype=torch.long)  # left-padded with 0
-    real = torch.zeros(len(batch), width, dtype=torch.bool)
-    for row, context in enumerate(batch):
-        ids[row, width - len(context):] = torch.tensor(context)
-        real[row, width - len(context):] = True
+    width = max(len(remainder) for remainder in remainders)
+    ids = torch.zeros(len(remainders), width, dtype=torch.long)  # left-padded with 0
+    real = torch.zeros(len(remainders), width, dtype=torch.bool)
+    for row, remainder in enumerate(remainders):
+        ids[row, width - len(remainder):] = torch.tensor(remainder)
+        real[row, width - len(remainder):] = True
     longer = [(row, index) for row, indices in enumerate(members) for index in indices
               if len(continuations[index]) > 1]
     extra = max((len(continuations[index]) - 1 for _, index in longer), default=0)
-    cache = model.new_cache(len(batch), width + extra)
+    if prefix is None:
+        cache = model.new_cache(len(remainders), width + extra)
+    else:  # each row continues its own copy of the shared start
+        cache = prefix.select_rows(torch.zeros(len(remainders), dtype=torch.long, device=device))
     padding_mask = None if bool(real.all()) else real.to(device)
     last = model.hidden_states(ids.to(device), cache, padding_mask)[:, -1]  # (B, D)
     first = torch.log_softmax(model.lm_head(last).float(), dim=-1)  # (B, V): each continuation's first token
