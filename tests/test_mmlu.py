@@ -49,6 +49,13 @@ def test_the_prompt_and_the_shots(data):
         assert item.choices == [f" {text}" for text in question.choices] and item.answer == question.answer
     again, _ = mmlu.build_items(questions, questions, shots=2, seed=0, fmt="cloze")
     assert [i.context for i in again] == [i.context for i in items]  # seeded
+    # One draw per subject: three of astronomy's four questions (two examples and one to stand in for a
+    # drawn question); the undrawn question and the one drawn last show the first two drawn.
+    astronomy = [(q.line, shown) for q, shown in zip(questions, examples) if q.subject == "astronomy"]
+    drawn_lines = {line for _, shown in astronomy for line in shown}
+    assert len(drawn_lines) == 3 and sum(line not in drawn_lines for line, _ in astronomy) == 1
+    first_two = next(shown for line, shown in astronomy if line not in drawn_lines)
+    assert sum(shown == first_two for _, shown in astronomy) == 2
     with pytest.raises(UserError, match="--shots 3: subject 'philosophy' has only 2 other questions"):
         mmlu.build_items(questions, questions, shots=3, seed=0, fmt="mcf")
 

@@ -23,8 +23,10 @@ and scored by log-likelihood (gpt.evaluate.multiple_choice) in one of two format
     mcf     the choices are the letters " A" .. " D"
     cloze   the choices are the answer texts (after "Answer:")
 
-K-shot examples come from the same subject, never the question itself, drawn with a seed; the
-prompt is a few-shot prompt of gpt.few_shot (each example's output is " <letter>").
+K-shot examples come from the same subject, drawn once per subject with a seed, so every
+question of a subject shows the same ones (never itself: a question that was drawn gets the
+next one in its place); the prompt is a few-shot prompt of gpt.few_shot (each example's
+output is " <letter>").
 Subjects group into lm-evaluation-harness' four categories (STEM, humanities, social
 sciences, other); a category's accuracy is over its questions, not a mean of subjects.
 """
@@ -134,18 +136,27 @@ def prompt(question: Question, shots: Sequence[Question]) -> str:
 def build_items(
     questions: Sequence[Question], pool: Sequence[Question], shots: int, seed: int, fmt: str
 ) -> tuple[list[MultipleChoiceItem], list[list[int]]]:
-    """Scoring items for `questions`, with `shots` examples each drawn (seeded) from the same subject in
-    `pool`, never the question itself; returns the items and each item's example lines."""
+    """Scoring items for `questions`, each after `shots` examples of its subject in `pool`; returns the items
+    and each item's example lines.
+
+    The examples are drawn once per subject (seeded by `seed` and the subject's name), as the harness shows
+    every question of a subject the same ones: a question never sees itself, so one that was drawn gets the
+    next drawn example in its place. Prompts that begin alike run their shared start once when scored.
+    """
     if fmt not in FORMATS:
         raise UserError(f"--format: must be one of {', '.join(FORMATS)}; got {fmt!r}")
     by_subject: dict[str, list[Question]] = defaultdict(list)
     for candidate in pool:
         by_subject[candidate.subject].append(candidate)
-    rng = random.Random(seed)
+    drawn = {subject: draw_examples(candidates, min(shots + 1, len(candidates)), random.Random(f"{seed}:{subject}"),
+                                    lambda q: False, where=f"subject {subject!r}", unit="questions")
+             for subject, candidates in by_subject.items()}
     items, examples = [], []
     for question in questions:
-        chosen = draw_examples(by_subject[question.subject], shots, rng, lambda q: q.line == question.line,
-                               where=f"subject {question.subject!r}", unit="questions")
+        chosen = [q for q in drawn[question.subject] if q.line != question.line][:shots]
+        if len(chosen) < shots:
+            others = sum(q.line != question.line for q in by_subject[question.subject])
+            raise UserError(f"--shots {shots}: subject {question.subject!r} has only {others} other questions")
         choices = [f" {letter}" for letter in LETTERS] if fmt == "mcf" else [f" {text}" for text in question.choices]
         items.append(MultipleChoiceItem(prompt(question, chosen), choices, question.answer))
         examples.append([q.line for q in chosen])
