@@ -38,6 +38,9 @@ from ..model import GPT
 from ..tokenizer import Tokenizer
 
 
+MIN_SHARED_START = 16  # tokens: a shorter shared start is not worth running apart from the rest
+
+
 @dataclass
 class MultipleChoiceItem:
     context: str
@@ -109,8 +112,9 @@ def _shared_start_groups(contexts: list[tuple[int, ...]]) -> list[tuple[int, lis
     """The contexts in groups that begin with the same tokens, as (how many tokens they share, members).
 
     Sorted, contexts that share a start are neighbours. A context joins its neighbour's group when it
-    begins with all the group shares, or, joining a lone context, when the two share at least half of
-    it; every member keeps at least one token of its own (its last position scores its choices).
+    begins with all the group shares, or, joining a lone context, when the two share `MIN_SHARED_START`
+    tokens or more (an MMLU subject's header does, and its examples); every member keeps at least one
+    token of its own (its last position scores its choices).
     """
     groups: list[tuple[int, list[tuple[int, ...]]]] = []
     for context in sorted(contexts):
@@ -119,7 +123,7 @@ def _shared_start_groups(contexts: list[tuple[int, ...]]) -> list[tuple[int, lis
             common = min(_common_length(members[0], context), len(context) - 1)
             if len(members) == 1:
                 common = min(common, len(members[0]) - 1)
-                if 2 * common >= len(context):
+                if common >= MIN_SHARED_START:
                     groups[-1] = (common, [*members, context])
                     continue
             elif common >= shared:
