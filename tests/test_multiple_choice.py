@@ -100,10 +100,13 @@ def test_loglikelihoods_equal_transformers_on_the_same_weights(both_families, sc
 
 def test_contexts_that_begin_alike_run_their_start_once():
     start = tuple(range(100, 130))
-    contexts = [start + (1, 2, 3), (7,) * 40, start + (4,), start, (7,) * 10 + (8,) * 30, (9, 9)]
+    # One context shows less of the shared start (a question drawn as an example, shown another in its
+    # place); sorted next to the group, it stays apart rather than cutting the group's start short.
+    edge = start[:20] + (0,) * 12
+    contexts = [start + (1, 2, 3), (7,) * 40, start + (4,), start, edge, (7,) * 10 + (8,) * 30, (9, 9)]
     groups = _shared_start_groups(contexts)
-    assert sorted(groups) == sorted([(29, [start, start + (1, 2, 3), start + (4,)]), (0, [(7,) * 10 + (8,) * 30]),
-                                     (0, [(7,) * 40]), (0, [(9, 9)])])
+    assert sorted(groups) == sorted([(29, [start, start + (1, 2, 3), start + (4,)]), (0, [edge]),
+                                     (0, [(7,) * 10 + (8,) * 30]), (0, [(7,) * 40]), (0, [(9, 9)])])
     # A batch holds the shared start, its widest remainder and its longest continuation within the context.
     extra = {start + (1, 2, 3): 0, start + (4,): 31, start: 0}
     assert _batches([start, start + (1, 2, 3), start + (4,)], 29, extra, 8, 62) == [[start + (1, 2, 3)],

@@ -111,25 +111,29 @@ def continuation_loglikelihoods(
 def _shared_start_groups(contexts: list[tuple[int, ...]]) -> list[tuple[int, list[tuple[int, ...]]]]:
     """The contexts in groups that begin with the same tokens, as (how many tokens they share, members).
 
-    Sorted, contexts that share a start are neighbours. A context joins its neighbour's group when it
-    begins with all the group shares, or, joining a lone context, when the two share `MIN_SHARED_START`
-    tokens or more (an MMLU subject's header does, and its examples); every member keeps at least one
-    token of its own (its last position scores its choices).
+    Sorted, contexts that share a start are neighbours, and how much each shares with the next tells
+    the groups apart: a group runs while its neighbours share at least what its first two share, and
+    begins only where that is `MIN_SHARED_START` tokens or more and no less than what the next pair
+    shares (a question that shows one example unlike its subject's others would otherwise cut the
+    subject's shared start short). Every member keeps at least one token of its own: its last
+    position scores its choices.
     """
+    ordered = sorted(contexts)
+    common = [_common_length(a, b) for a, b in zip(ordered, ordered[1:])]  # common[i]: ordered[i] with [i + 1]
     groups: list[tuple[int, list[tuple[int, ...]]]] = []
-    for context in sorted(contexts):
-        if groups:
-            shared, members = groups[-1]
-            common = min(_common_length(members[0], context), len(context) - 1)
-            if len(members) == 1:
-                common = min(common, len(members[0]) - 1)
-                if common >= MIN_SHARED_START:
-                    groups[-1] = (common, [*members, context])
-                    continue
-            elif common >= shared:
-                members.append(context)
-                continue
-        groups.append((0, [context]))
+    i = 0
+    while i < len(ordered):
+        shared = common[i] if i < len(common) else 0
+        if shared < MIN_SHARED_START or (i + 1 < len(common) and common[i + 1] > shared):
+            groups.append((0, [ordered[i]]))
+            i += 1
+            continue
+        end = i + 1
+        while end < len(common) and common[end] >= shared:
+            end += 1
+        members = ordered[i:end + 1]
+        groups.append((min(shared, min(len(member) for member in members) - 1), members))
+        i = end + 1
     return groups
 
 
