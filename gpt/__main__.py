@@ -22,6 +22,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "classify": ("gpt.classifier:classify_cli", "label texts with a classifier from finetune_classifier.py"),
     "serve": ("gpt.serve.cli:serve_cli", "serve a model over HTTP: OpenAI-compatible API and a chat page"),
     "bench": ("gpt.bench:bench_cli", "training/generation speed, MFU and peak memory against transformers"),
+    "lm-eval": ("gpt.evaluate.harness:lm_eval_cli", "lm-evaluation-harness with our model as --model gpt (eval extra)"),
 }
 
 

@@ -6,6 +6,7 @@
     instruction.py        greedy answers, exact match / BLEU / ROUGE-L per task, response loss, the reports
     text_overlap.py       corpus BLEU and ROUGE-L of answers against references (sacrebleu's, rouge-score's)
     multiple_choice.py    log-likelihood scoring of multiple-choice items (acc, acc_norm) as lm-evaluation-harness does
+    harness.py            lm-evaluation-harness' `--model gpt` backend (the eval extra), python -m gpt lm-eval
 
 The first two and text_overlap.py are re-exported here; the others, which need the model
 code, are imported from their modules.
