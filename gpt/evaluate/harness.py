@@ -49,7 +49,7 @@ from ..errors import UserError
 from ..generate import stream_tokens
 from ..runtime import pick_device
 from ..weights import load_model_and_tokenizer
-from .multiple_choice import continuation_loglikelihoods, encode_pair
+from .multiple_choice import continuation_loglikelihoods, encode_pair, prefix_token
 
 try:
     # The harness' own backends register first: its registry loads them only while it is empty.
@@ -82,9 +82,7 @@ class HarnessModel(LM):
         self._device = pick_device(str(device), "--device")
         loaded = load_model_and_tokenizer(str(model), seed=int(seed))
         self.model, self.tokenizer = loaded.model.to(self._device).eval(), loaded.tokenizer
-        # What an empty context stands for, as the harness' `prefix_token_id`: beginning-of-text when the
-        # vocabulary has one (GPT-2's is its end-of-text), else end-of-text.
-        self.prefix_id = self.tokenizer.bos_id if self.tokenizer.bos_id is not None else self.tokenizer.eot_id
+        self.prefix_id = prefix_token(self.tokenizer)  # the harness' `prefix_token_id`: an empty context
         context_length = self.model.config.context_length
         self.max_length = context_length if max_length is None else _positive_int(max_length, "max_length")
         if self.max_length > context_length:
@@ -93,7 +91,7 @@ class HarnessModel(LM):
 
     def loglikelihood(self, requests: list[Instance], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         """(summed log-probability, is greedy) of each request's continuation after its context."""
-        pairs = [self._encode_pair(*request.args) for request in requests]
+        pairs = [encode_pair(self.tokenizer, *request.args) for request in requests]
         return [(total, greedy) for total, _, greedy in self._score(pairs, "loglikelihood", disable_tqdm)]
 
     def loglikelihood_rolling(self, requests: list[Instance], disable_tqdm: bool = False) -> list[float]:
@@ -139,11 +137,6 @@ class HarnessModel(LM):
         """What the harness records about the model in its results."""
         return {"model_num_parameters": self.model.num_parameters(),
                 "model_dtype": str(self.model.tok_emb.weight.dtype)}
-
-    def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        """`encode_pair`'s split, with an empty context (whitespace at most) standing for `prefix_id`."""
-        context_ids, continuation_ids = encode_pair(self.tokenizer, context, continuation)
-        return ([self.prefix_id] if not context.rstrip() else context_ids), continuation_ids
 
     def _score(self, pairs: Sequence[tuple[list[int], list[int]]], desc: str,
                disable_tqdm: bool) -> list[tuple[float, int, bool]]:

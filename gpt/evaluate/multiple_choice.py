@@ -15,7 +15,8 @@ Three ways to pick the best choice, all reported:
 The token split follows the harness exactly (`encode_pair`): whitespace at the end of the
 context moves to the start of the continuation, the pair is encoded whole, and the
 continuation is what the whole has beyond the context's own tokens. An empty context is
-scored after the end-of-text token.
+scored after the harness' prefix token (`prefix_token`: beginning-of-text if the vocabulary
+has one, else end-of-text).
 
 A request longer than the model's context is cut from the left, keeping the whole continuation.
 Requests are scored in batches. The plain way (`continuation_loglikelihoods_reference`) runs
@@ -48,13 +49,19 @@ class MultipleChoiceItem:
     answer: int  # index of the correct choice
 
 
+def prefix_token(tokenizer: Tokenizer) -> int:
+    """What an empty context stands for, as in the harness: beginning-of-text if the vocabulary has one
+    (GPT-2's is its end-of-text), else end-of-text."""
+    return tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eot_id
+
+
 def encode_pair(tokenizer: Tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """Context and continuation token ids, split as lm-evaluation-harness splits them (module docstring)."""
     spaces = len(context) - len(context.rstrip())
     if spaces:
         context, continuation = context[:-spaces], context[-spaces:] + continuation
     if not context:
-        return [tokenizer.eot_id], tokenizer.encode(continuation)
+        return [prefix_token(tokenizer)], tokenizer.encode(continuation)
     whole = tokenizer.encode(context + continuation)
     context_ids = tokenizer.encode(context)
     return context_ids, whole[len(context_ids):]
