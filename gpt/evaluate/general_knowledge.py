@@ -97,10 +97,9 @@ class MMLUSubset:
               autocast: contextlib.AbstractContextManager | None = None) -> dict[str, Any]:
         """Accuracy overall, per category and per subject of `model` on the subset (0-shot, mcf)."""
         items, _ = build_items(self.questions, self.questions, shots=0, seed=0, fmt="mcf")
-        scored: list[dict] = []
-        with autocast or contextlib.nullcontext():
-            for first in tqdm(range(0, len(items), batch_size), desc="mmlu", unit="batch", dynamic_ncols=True):
-                scored += score_items(model, tokenizer, items[first:first + batch_size], batch_size)
+        with autocast or contextlib.nullcontext(), \
+                tqdm(total=len(items), desc="mmlu", unit="item", dynamic_ncols=True) as progress:
+            scored = score_items(model, tokenizer, items, batch_size, progress.update)
         return accuracy_report(self.questions, scored)
 
 
