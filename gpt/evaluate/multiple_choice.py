@@ -116,32 +116,40 @@ def continuation_loglikelihoods(
 
 
 def _shared_start_groups(contexts: list[tuple[int, ...]]) -> list[tuple[int, list[tuple[int, ...]]]]:
-    """The contexts in groups that begin with the same tokens, as (how many tokens they share, members).
+    """The contexts in groups that begin with the same tokens, as (how many tokens they share, members);
+    the contexts in no group come last, together, as sharing 0 tokens.
 
     Sorted, contexts that share a start are neighbours, and how much each shares with the next tells
     the groups apart: a group runs while its neighbours share at least what its first two share, and
     begins only where that is `MIN_SHARED_START` tokens or more and no less than what the next pair
     shares (a question that shows one example unlike its subject's others would otherwise cut the
     subject's shared start short). Every member keeps at least one token of its own: its last
-    position scores its choices.
+    position scores its choices. A group whose start is under half of what its members hold runs
+    with the rest: its own batches, too few to fill, would cost more than the start saves (an MMLU
+    subject's header alone, at 0 shots; its examples, at K shots, are worth it).
     """
     ordered = sorted(contexts)
     common = [_common_length(a, b) for a, b in zip(ordered, ordered[1:])]  # common[i]: ordered[i] with [i + 1]
     groups: list[tuple[int, list[tuple[int, ...]]]] = []
+    rest: list[tuple[int, ...]] = []
     i = 0
     while i < len(ordered):
         shared = common[i] if i < len(common) else 0
         if shared < MIN_SHARED_START or (i + 1 < len(common) and common[i + 1] > shared):
-            groups.append((0, [ordered[i]]))
+            rest.append(ordered[i])
             i += 1
             continue
         end = i + 1
         while end < len(common) and common[end] >= shared:
             end += 1
         members = ordered[i:end + 1]
-        groups.append((min(shared, min(len(member) for member in members) - 1), members))
+        shared = min(shared, min(len(member) for member in members) - 1)
+        if 2 * shared * len(members) >= sum(len(member) for member in members):
+            groups.append((shared, members))
+        else:
+            rest.extend(members)
         i = end + 1
-    return groups
+    return groups + ([(0, rest)] if rest else [])
 
 
 def _common_length(a: Sequence[int], b: Sequence[int]) -> int:
