@@ -81,10 +81,11 @@ def continuation_loglikelihoods(
     - requests with the same context share it: it runs once, into a KV cache, and the last position
       scores every continuation's first token; each continuation longer than one token then runs on
       its own copy of the cache (the four answer texts of an MMLU question: one pass over the question);
-    - contexts that mostly agree at the start (a subject's few-shot examples) share that part: it runs
-      once, and each context's own remainder continues from a copy of its cache;
-    - up to `batch_size` contexts run together, longest first, left-padded; the LM head runs only
-      where a continuation token is predicted.
+    - contexts whose shared start is at least half of what they hold (a subject's few-shot examples)
+      share it: it runs once, and each context's own remainder continues from a copy of its cache;
+    - up to `batch_size` contexts run together, longest first, left-padded (all the contexts without
+      a shared start in one stream of batches); the LM head runs only where a continuation token is
+      predicted.
 
     `on_scored` hears the indices of the requests each batch finished.
     """
