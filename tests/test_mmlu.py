@@ -29,6 +29,16 @@ def data(tmp_path):
     return path
 
 
+@pytest.fixture
+def checkpoint(tmp_path):
+    """A small random GPT-2-vocabulary model saved as our checkpoint."""
+    torch.manual_seed(0)
+    path = tmp_path / "m.pt"
+    save_checkpoint(path, GPT(ModelConfig(vocab_size=50257, context_length=256, d_model=32, n_layer=1, n_head=2)),
+                    tokenizer="gpt2")
+    return path
+
+
 def test_reading_skips_the_stray_header_and_says_where(data, capsys):
     questions = mmlu.read_mmlu(data)
     assert len(questions) == 7 and [q.answer for q in questions[:2]] == [1, 1]
@@ -78,12 +88,9 @@ def test_a_two_shot_prompt_written_out(data):
     assert items[0].choices == [" A", " B", " C", " D"]
 
 
-def test_evaluate_task_mmlu_reports_what_the_items_say(data, tmp_path, capsys):
-    torch.manual_seed(0)
-    save_checkpoint(tmp_path / "m.pt", GPT(ModelConfig(vocab_size=50257, context_length=256, d_model=32, n_layer=1,
-                                                       n_head=2)), tokenizer="gpt2")
+def test_evaluate_task_mmlu_reports_what_the_items_say(data, checkpoint, tmp_path, capsys):
     out = tmp_path / "items.jsonl"
-    assert evaluate_cli(["--checkpoint", str(tmp_path / "m.pt"), "--task", "mmlu", "--data", str(data),
+    assert evaluate_cli(["--checkpoint", str(checkpoint), "--task", "mmlu", "--data", str(data),
                          "--shots", "1", "--out", str(out), "--batch-size", "3"]) == 0
     summary = json.loads(capsys.readouterr().out)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
@@ -96,12 +103,9 @@ def test_evaluate_task_mmlu_reports_what_the_items_say(data, tmp_path, capsys):
     assert summary["acc"] == sum(r["pred"] == r["answer"] for r in rows) / 7 == summary["overall"]["accuracy"]
 
 
-def test_the_report_folder_holds_the_summary_its_tables_and_a_chart(data, tmp_path, capsys):
-    torch.manual_seed(0)
-    save_checkpoint(tmp_path / "m.pt", GPT(ModelConfig(vocab_size=50257, context_length=256, d_model=32, n_layer=1,
-                                                       n_head=2)), tokenizer="gpt2")
+def test_the_report_folder_holds_the_summary_its_tables_and_a_chart(data, checkpoint, tmp_path, capsys):
     report = tmp_path / "report"
-    assert evaluate_cli(["--checkpoint", str(tmp_path / "m.pt"), "--task", "mmlu", "--data", str(data),
+    assert evaluate_cli(["--checkpoint", str(checkpoint), "--task", "mmlu", "--data", str(data),
                          "--out", str(tmp_path / "items.jsonl"), "--report", str(report)]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert json.loads((report / "report.json").read_text()) == printed
