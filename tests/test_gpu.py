@@ -3,7 +3,8 @@
 Each test guards a finding of a code review of the CUDA path, named in its first line:
 resume on a GPU (random state), the fused loss (values, speed, no host syncs), flash
 attention in training, generation with padding, bf16 selection, AdamW's multi-tensor path,
-peak memory and MFU reporting, the fp16 gradient scaler, evaluation memory, compile.
+peak memory and MFU reporting, the fp16 gradient scaler, evaluation memory, compile;
+and 2:4-pruned weights on the sparse tensor cores (gpt.prune, issue 17).
 The whole file takes about two minutes on one H100/H200.
 """
 
@@ -28,6 +29,7 @@ from gpt.fused_loss import linear_cross_entropy
 from gpt.generate import generate
 from gpt.model import GPT
 from gpt.optim import AdamW
+from gpt.prune import apply_masks, prune_masks, semi_structured_linears, two_of_four_mask
 from gpt.resume import rng_state, set_rng_state
 from gpt.runtime import matmul_peak_flops, peak_memory_mib, pick_autocast_dtype, published_peak_flops
 from gpt.train import move_to
@@ -323,3 +325,64 @@ def test_f3_fused_loss_is_not_slower_than_plain_cross_entropy():
     record("fused_loss_speed", fused_ms=round(fused_ms, 2), plain_ms=round(plain_ms, 2),
            shape="16 x 1024 rows, d 768, vocab 50257, bf16, forward + backward")
     assert fused_ms <= 1.5 * plain_ms, f"fused {fused_ms:.1f} ms vs plain {plain_ms:.1f} ms"
+
+
+# ---------------------------------------------------------------- 2:4 sparsity (gpt.prune)
+
+SPARSE_CORES = pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability()[0] < 8,
+                                  reason="2:4 sparse tensor cores need compute capability 8.0 or later")
+
+
+def max_error(value: torch.Tensor, reference: torch.Tensor) -> float:
+    return (value.float() - reference).abs().max().item()
+
+
+@SPARSE_CORES
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_two_of_four_weight_on_sparse_cores_equals_the_dense_masked_product(dtype):
+    """Pruning: a 2:4-pruned weight as torch's semi-structured sparse tensor multiplies like the dense masked
+    weight: its error against an fp32 product is no larger than the dense half-precision kernel's (twice, plus
+    one rounding step of the output), and the model-level swap (semi_structured_linears) keeps the logits."""
+    from torch.sparse import to_sparse_semi_structured
+
+    torch.manual_seed(0)
+    weight = torch.randn(256, 512, device=CUDA, dtype=dtype)
+    masked = weight * two_of_four_mask(weight)  # (256, 512), 2 of every 4 along each row kept
+    inputs = torch.randn(64, 512, device=CUDA, dtype=dtype)
+    exact = inputs.float() @ masked.float().T  # (64, 256)
+    dense = F.linear(inputs, masked)
+    sparse = F.linear(inputs, to_sparse_semi_structured(masked))
+    rounding = exact.abs().max().item() * torch.finfo(dtype).eps
+    assert max_error(sparse, exact) <= 2 * max_error(dense, exact) + rounding
+
+    model = GPT(ModelConfig(vocab_size=512, context_length=64, d_model=128, n_layer=2, n_head=4, d_ff=256,
+                            **LLAMA_STYLE)).eval()
+    apply_masks(model, prune_masks(model, "2:4", 0.5, "layer"))
+    ids = torch.randint(0, 512, (2, 32), device=CUDA)
+    with torch.no_grad():
+        exact_logits = model.to(CUDA)(ids)  # float32
+        model.to(dtype)
+        dense_logits = model(ids)
+        assert semi_structured_linears(model) == 2 * 7
+        sparse_logits = model(ids)
+    rounding = exact_logits.abs().max().item() * torch.finfo(dtype).eps
+    assert max_error(sparse_logits, exact_logits) <= 2 * max_error(dense_logits, exact_logits) + 4 * rounding
+
+
+@SPARSE_CORES
+def test_two_of_four_matmul_speed_on_sparse_cores():
+    """Pruning: the time of an 8192 x 8192 fp16 projection of 8192 rows, dense and 2:4 sparse (recorded, for
+    BENCHMARKS.md; 2:4 halves the multiplications, the speed-up is the hardware's to give)."""
+    from torch.sparse import to_sparse_semi_structured
+
+    torch.manual_seed(0)
+    weight = torch.randn(8192, 8192, device=CUDA, dtype=torch.float16)
+    masked = weight * two_of_four_mask(weight)
+    sparse = to_sparse_semi_structured(masked)
+    inputs = torch.randn(8192, 8192, device=CUDA, dtype=torch.float16)
+    with torch.no_grad():
+        dense_ms = median_ms(lambda: F.linear(inputs, masked))
+        sparse_ms = median_ms(lambda: F.linear(inputs, sparse))
+    record("two_of_four_linear_speed", dense_ms=round(dense_ms, 3), sparse_ms=round(sparse_ms, 3),
+           speedup=round(dense_ms / sparse_ms, 2), shape="8192 rows x 8192 in x 8192 out, fp16")
+    assert sparse_ms > 0
