@@ -59,8 +59,8 @@ GPT2_PATTERN = r"""'(?:s|t|re|ve|m|ll|d)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++
 # segment, which is what `(?![^\s\p{N}])` says in place of GPT-2's `(?!\S)`.
 SMOLLM_PATTERN = r"""\p{N}|'(?:s|t|re|ve|m|ll|d)| ?\p{L}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?![^\s\p{N}])|\s"""
 
-# `tokenizer.ggml.pre` values this module knows how to split for.
-GGUF_PRE_TOKENIZERS = {"gpt2": GPT2_PATTERN, "smollm": SMOLLM_PATTERN}
+# `tokenizer.ggml.pre` values this module knows how to split for ("gpt-2" is llama.cpp's name for GPT-2's split).
+GGUF_PRE_TOKENIZERS = {"gpt2": GPT2_PATTERN, "gpt-2": GPT2_PATTERN, "smollm": SMOLLM_PATTERN}
 
 GPT2_EOT = "<|endoftext|>"
 GPT2_N_MERGEABLE = 50256

@@ -1,10 +1,16 @@
-"""GGUF files (llama.cpp's format) in: the `llama` architecture, dequantized to float.
+"""GGUF files (llama.cpp's format) in: the `llama` and `gpt2` architectures, dequantized to float.
 
 A GGUF file holds key-value metadata and tensors. The model's shape comes from
-the `llama.*` keys (`llama.block_count`, `llama.embedding_length`, ...), the
+the `{arch}.*` keys (`llama.block_count`, `gpt2.embedding_length`, ...), the
 vocabulary size from the length of `tokenizer.ggml.tokens`. Tensors are read
 through the `gguf` package, which also dequantizes them (F32, F16, BF16, Q8_0,
 Q4_0, Q4_1, Q5_x, the k-quants, ...); weights come out in float32.
+
+`llama` is our Llama family (RMSNorm, RoPE, SwiGLU), `gpt2` our GPT-2 family
+(LayerNorm with biases, learned positions `position_embd`, GELU MLP). A gpt2
+file stores q, k and v as one fused `attn_qkv` tensor (rows q, then k, then v),
+which the loader splits. These name tables are shared with the writer
+(`gguf_export.py`).
 
 Three things differ from our layout:
 
@@ -33,21 +39,32 @@ from ..gguf_file import array_length, import_gguf, metadata_value, open_gguf
 from ..model import GPT
 from .assemble import ModelAssembler
 
-SUPPORTED_ARCHITECTURES = ("llama",)
+SUPPORTED_ARCHITECTURES = ("llama", "gpt2")
 
-# Our module path inside a block -> the GGUF tensor name inside `blk.{i}.`.
+# Our module path inside a block -> the GGUF tensor name inside `blk.{i}.`, per architecture.
 GGUF_LAYER_MODULES = {
-    "attn_norm": "attn_norm",
-    "attn.q_proj": "attn_q",
-    "attn.k_proj": "attn_k",
-    "attn.v_proj": "attn_v",
-    "attn.out_proj": "attn_output",
-    "mlp_norm": "ffn_norm",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
+    "llama": {
+        "attn_norm": "attn_norm",
+        "attn.q_proj": "attn_q",
+        "attn.k_proj": "attn_k",
+        "attn.v_proj": "attn_v",
+        "attn.out_proj": "attn_output",
+        "mlp_norm": "ffn_norm",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+    },
+    "gpt2": {  # q, k and v are the fused GPT2_QKV tensor
+        "attn_norm": "attn_norm",
+        "attn.out_proj": "attn_output",
+        "mlp_norm": "ffn_norm",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+    },
 }
-GGUF_TOP_MODULES = {"tok_emb": "token_embd", "final_norm": "output_norm", "lm_head": "output"}
+GPT2_QKV = "attn_qkv"
+GGUF_TOP_MODULES = {"tok_emb": "token_embd", "pos_emb": "position_embd", "final_norm": "output_norm",
+                    "lm_head": "output"}  # fmt: skip
 
 
 def config_from_gguf(reader: Any, path: str | os.PathLike[str]) -> ModelConfig:
@@ -96,6 +113,13 @@ def config_from_gguf(reader: Any, path: str | os.PathLike[str]) -> ModelConfig:
         if embedding is None:
             raise UserError(f"{path}: neither tokenizer.ggml.tokens nor tensor token_embd.weight is present")
         vocab_size = int(embedding.shape[-1])
+    if arch == "llama":
+        family = dict(norm="rmsnorm", norm_eps=require("attention.layer_norm_rms_epsilon"), pos_emb="rope",
+                      rope_theta=get("rope.freq_base", 10000.0), mlp="swiglu",
+                      bias=any(name.startswith("blk.") and name.endswith(".bias") for name in tensor_names))
+    else:  # gpt2: llama.cpp requires every bias of this architecture
+        family = dict(norm="layernorm", norm_eps=require("attention.layer_norm_epsilon"), pos_emb="learned",
+                      mlp="gelu", bias=True)
     try:
         return ModelConfig(
             vocab_size=vocab_size,
@@ -105,27 +129,32 @@ def config_from_gguf(reader: Any, path: str | os.PathLike[str]) -> ModelConfig:
             n_head=n_head,
             n_kv_head=get("attention.head_count_kv", n_head),
             d_ff=require("feed_forward_length"),
-            norm="rmsnorm",
-            norm_eps=require("attention.layer_norm_rms_epsilon"),
-            pos_emb="rope",
-            rope_theta=get("rope.freq_base", 10000.0),
-            mlp="swiglu",
-            bias=any(name.startswith("blk.") and name.endswith(".bias") for name in tensor_names),
             tie_embeddings="output.weight" not in tensor_names,
+            **family,
         )
     except ConfigError as err:
         raise UserError(f"{path}: the metadata gives an invalid model: {err}") from None
 
 
 def load_gguf(path: str | os.PathLike[str], dtype: torch.dtype = torch.float32) -> GPT:
-    """A `GPT` with the dequantized weights of a llama-architecture GGUF file, read tensor by tensor."""
+    """A `GPT` with the dequantized weights of a llama- or gpt2-architecture GGUF file, read tensor by tensor."""
     path = Path(path)
     reader = open_gguf(path)
     config = config_from_gguf(reader, path)
+    arch = metadata_value(reader, "general.architecture")
     assembler = ModelAssembler(config, str(path), dtype)
     for tensor in reader.tensors:
-        name = our_tensor_name(tensor.name, path)
         weight = dequantize(tensor, path)
+        if arch == "gpt2" and tensor.name.split(".")[2:3] == [GPT2_QKV]:
+            _, layer, _, leaf = tensor.name.split(".")
+            q_rows, kv_rows = config.n_head * config.head_dim, config.n_kv_head * config.head_dim
+            if weight.shape[0] != q_rows + 2 * kv_rows:
+                raise UserError(f"{path}: tensor {tensor.name} has {weight.shape[0]} rows; "
+                                f"q, k and v of this model need {q_rows + 2 * kv_rows}")
+            for module, part in zip(("q_proj", "k_proj", "v_proj"), weight.split([q_rows, kv_rows, kv_rows])):
+                assembler.place(f"blocks.{layer}.attn.{module}.{leaf}", part, tensor.name)
+            continue
+        name = our_tensor_name(tensor.name, arch, path)
         if name.endswith(("attn.q_proj.weight", "attn.q_proj.bias")):
             weight = unpermute_rotary_rows(weight, config.n_head)
         elif name.endswith(("attn.k_proj.weight", "attn.k_proj.bias")):
@@ -136,19 +165,19 @@ def load_gguf(path: str | os.PathLike[str], dtype: torch.dtype = torch.float32) 
     return assembler.finish(zero_if_missing=zero_biases)
 
 
-def our_tensor_name(gguf_name: str, path: Path) -> str:
-    """'blk.3.attn_q.weight' -> 'blocks.3.attn.q_proj.weight'."""
+def our_tensor_name(gguf_name: str, arch: str, path: Path) -> str:
+    """'blk.3.attn_q.weight' -> 'blocks.3.attn.q_proj.weight' (the names of architecture `arch`)."""
     module, _, leaf = gguf_name.rpartition(".")
     parts = module.split(".")
     if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit():
-        inner = {g: our for our, g in GGUF_LAYER_MODULES.items()}.get(parts[2])
+        inner = {g: our for our, g in GGUF_LAYER_MODULES[arch].items()}.get(parts[2])
         if inner is not None:
             return f"blocks.{parts[1]}.{inner}.{leaf}"
     else:
         ours = {g: our for our, g in GGUF_TOP_MODULES.items()}.get(module)
         if ours is not None:
             return f"{ours}.{leaf}"
-    raise UserError(f"{path}: tensor {gguf_name} is not part of a llama model this loader knows")
+    raise UserError(f"{path}: tensor {gguf_name} is not part of a {arch} model this loader knows")
 
 
 def dequantize(tensor: Any, path: Path) -> torch.Tensor:

@@ -33,6 +33,7 @@ BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": Tr
 # tokenizer.ggml.pre -> the `tokenizers` pre-tokenizer that cuts text the same way.
 PRE_TOKENIZERS: dict[str, dict[str, Any]] = {
     "gpt2": BYTE_LEVEL,
+    "gpt-2": BYTE_LEVEL,  # llama.cpp's own name for GPT-2's split
     # SmolLM: every digit is a piece of its own, then GPT-2's split.
     "smollm": {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, BYTE_LEVEL]},
 }
@@ -84,8 +85,9 @@ def _bpe(token: bytes, ranks: dict[bytes, int], below: int) -> list[bytes]:
     return parts
 
 
-def write_gpt2_tokenizer(out_dir: Path, context_length: int) -> WrittenTokenizer:
-    """GPT-2's tokenizer (from the bundled ranks file) as Hugging Face files."""
+def gpt2_vocabulary() -> tuple[dict[str, int], list[str]]:
+    """GPT-2's mergeable tokens (from the bundled ranks file) written in the byte alphabet, token -> id,
+    and its merges as "left right" strings in priority order; `<|endoftext|>` (id 50256) is not included."""
     with resources.as_file(resources.files("gpt") / "assets" / "gpt2.tiktoken") as ranks_path:
         ranks = load_tiktoken_ranks(ranks_path)
     alphabet = char_of_byte()
@@ -95,7 +97,13 @@ def write_gpt2_tokenizer(out_dir: Path, context_length: int) -> WrittenTokenizer
 
     vocab = {text(token): rank for token, rank in ranks.items()}  # GPT-2's ids are its ranks
     merges = [f"{text(a)} {text(b)}" for a, b in merges_from_ranks(ranks)]
-    eot_id = len(ranks)
+    return vocab, merges
+
+
+def write_gpt2_tokenizer(out_dir: Path, context_length: int) -> WrittenTokenizer:
+    """GPT-2's tokenizer (from the bundled ranks file) as Hugging Face files."""
+    vocab, merges = gpt2_vocabulary()
+    eot_id = len(vocab)
     special = {GPT2_EOT: eot_id}
     tokens = {"bos_token": GPT2_EOT, "eos_token": GPT2_EOT, "unk_token": GPT2_EOT}
     files = _write_files(out_dir, vocab, merges, special, PRE_TOKENIZERS["gpt2"], tokens, context_length, None)
