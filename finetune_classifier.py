@@ -45,6 +45,7 @@ from gpt.scripts import (
     describe_parameters,
     load_model,
     parse_script_args,
+    quantize_base,
     set_trainable,
 )
 from gpt.lora import count_parameters
@@ -82,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         # The LM head, kept for the MMLU scores: the class head replaces it.
         lm_head = general_knowledge.original_head(loaded.model) if mmlu is not None else None
         model = GPTClassifier(loaded.model, len(splits.labels), classifier_cfg.pooling, max_length)
+        quantized = quantize_base(model.gpt, train_cfg.quantize)
         lora = lora_cfg.settings() if train_cfg.trainable == "lora" else None
         trains = set_trainable(model.gpt, train_cfg.trainable, lora, head=model.head)
         trainable_parameters, total_parameters = count_parameters(model)
@@ -97,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"model: {loaded.description}; {model.config.n_layer} blocks, d_model {model.config.d_model}; "
                   f"tokenizer {loaded.tokenizer_name}")
             print(f"trains: {trains}; {describe_parameters(model)}")
+            if quantized:
+                print(quantized)
             print("\n".join([*splits.notes, describe_labels(splits, weights), describe_splits(splits, datasets)]))
             print(f"device {runtime.device}, precision {runtime.autocast_dtype}; run folder {runtime.out_dir}")
             report["before"] = evaluate_classifier(model, datasets, splits.labels, eval_batch_size, runtime.device,

@@ -38,6 +38,7 @@ from gpt.scripts import (
     describe_parameters,
     load_model,
     parse_script_args,
+    quantize_base,
     set_trainable,
 )
 from gpt.lora import count_parameters
@@ -74,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     with setup_runtime(train_cfg, "instruct") as runtime:
         loaded = load_model(source, seed=train_cfg.seed)
         model, tokenizer = loaded.model, loaded.tokenizer
+        quantized = quantize_base(model, train_cfg.quantize)
         if data_cfg.max_length > model.config.context_length:
             raise UserError(f"data.max_length ({data_cfg.max_length}) exceeds the model's context length "
                             f"({model.config.context_length})")
@@ -84,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         if runtime.is_main:
             save_config_json(config, runtime.out_dir / "config.json")
             print(f"model: {loaded.description}; {model.num_parameters():,} parameters; template {data_cfg.template}")
+            if quantized:
+                print(quantized)
             print("\n".join(describe_dataset(name, dataset) for name, dataset in datasets.items()))
 
         def evaluate_test() -> tuple[dict, list[str]]:

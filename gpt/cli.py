@@ -30,6 +30,7 @@ from .files import json_lines, write_text
 from .generate import generate, stream_tokens
 from .model import GPT
 from .prompts import chat_prompt
+from .quantize import parse_scheme, quantize_model
 from .runtime import pick_device
 from .tokenizer import Tokenizer
 from .weights import load_model_and_tokenizer
@@ -39,7 +40,7 @@ from .weights import load_model_and_tokenizer
 # ----------------------------------------------------------------------------
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+def add_model_arguments(parser: argparse.ArgumentParser, quantize: bool = True) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="known name (e.g. smollm2-135m-instruct), .gguf file, Hugging Face folder, "
                                         "or a checkpoint / run folder of ours")
@@ -47,16 +48,23 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--preset", help="a random-init model of this preset (tiny, gpt2-124m, ...): a smoke test")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default: %(default)s)")
     parser.add_argument("--seed", type=cli_args.seed, default=0, help="random seed (default: %(default)s)")
+    if quantize:
+        parser.add_argument("--quantize", metavar="SCHEME", default=None,
+                            help="quantize the weights as the model loads: int8, int4 or int4:G (G = 32, 64, 128, "
+                                 "256 inputs per scale); `python -m gpt quantize` saves a quantized model instead")
 
 
 def model_from_args(args: argparse.Namespace) -> tuple[GPT, Tokenizer]:
     """The model named by --model / --checkpoint / --preset, on the requested device, in eval mode.
     The device is checked first, so a machine without it costs no model loading."""
     device = pick_device(args.device, "--device")
+    scheme = parse_scheme(args.quantize) if getattr(args, "quantize", None) else None  # a bad scheme stops before any loading
     loaded = load_model_and_tokenizer(args.preset or args.model or args.checkpoint, seed=args.seed)
     if args.preset:
         print(f"[random-init {args.preset}: {loaded.model.num_parameters():,} parameters; expect gibberish]",
               file=sys.stderr)
+    if scheme is not None:
+        quantize_model(loaded.model, scheme)
     return loaded.model.to(device).eval(), loaded.tokenizer
 
 

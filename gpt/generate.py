@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
+import torch.nn as nn
 
 from .model import GPT
 
@@ -53,6 +54,8 @@ def next_token_logits_function(model: GPT, batch_size: int) -> Callable[[torch.T
     `(W @ hidden.T).T`. The results equal the plain product up to float rounding
     (summation order). On GPUs the plain product is already fast.
     """
+    if not isinstance(model.lm_head, nn.Linear):  # a quantized head (gpt/quantize) picks its own path
+        return model.lm_head
     weight = model.lm_head.weight  # (V, D)
     if weight.device.type != "cpu" or batch_size == 1:
         return model.lm_head

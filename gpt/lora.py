@@ -32,6 +32,7 @@ import torch.nn as nn
 
 from .config import LORA_TARGETS
 from .errors import UserError
+from .quantize.linear import QuantizedLinear
 
 # The attribute names of the model's linear layers that can take an adapter.
 VALID_TARGETS = LORA_TARGETS
@@ -44,16 +45,18 @@ class LoRALinear(nn.Module):
     Dropout touches only the adapter's input, never the base path.
     """
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0) -> None:
+    def __init__(self, base: nn.Linear | QuantizedLinear, rank: int, alpha: float, dropout: float = 0.0) -> None:
         super().__init__()
         self.base = base
         self.base.requires_grad_(False)
         self.rank = rank
         self.alpha = alpha
         self.scaling = alpha / rank
-        weight = base.weight
-        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=weight.device, dtype=weight.dtype))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=weight.device, dtype=weight.dtype))
+        # A quantized base has no float weight: its adapters live in float32 beside its codes.
+        like = base.weight if isinstance(base, nn.Linear) else base.scales
+        dtype = base.weight.dtype if isinstance(base, nn.Linear) else torch.float32
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=like.device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=like.device, dtype=dtype))
         # The same uniform bound nn.Linear uses for its own weight; B = 0 keeps the update zero at the start.
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.lora_dropout = nn.Dropout(dropout)
@@ -64,8 +67,11 @@ class LoRALinear(nn.Module):
         return self.base(x) + update * self.scaling
 
     def merged_weight(self) -> torch.Tensor:
-        """W + (alpha / r) * B A, computed in float32 and returned in the base weight's dtype (out, in)."""
+        """W + (alpha / r) * B A, computed in float32 and returned in the base weight's dtype (out, in);
+        a quantized base's W is its dequantized weight, and the result stays float32."""
         delta = self.lora_B.float() @ self.lora_A.float()  # (out, in)
+        if isinstance(self.base, QuantizedLinear):
+            return self.base.dequantize() + delta * self.scaling
         return (self.base.weight.float() + delta * self.scaling).to(self.base.weight.dtype)
 
     def extra_repr(self) -> str:
@@ -111,7 +117,7 @@ def apply_lora(
     found: list[tuple[str, nn.Module, str]] = []  # (dotted name, parent module, attribute name)
     for parent_name, parent in model.named_modules():
         for child_name, child in parent.named_children():
-            if child_name in targets and isinstance(child, nn.Linear):
+            if child_name in targets and isinstance(child, (nn.Linear, QuantizedLinear)):
                 found.append((f"{parent_name}.{child_name}" if parent_name else child_name, parent, child_name))
     missing = [name for name in targets if all(attr != name for _, _, attr in found)]
     if missing:
@@ -129,14 +135,18 @@ def merge_lora(model: nn.Module) -> None:
 
     The model's state_dict then has its original keys again. Each layer's
     requires_grad flags stay as they were (frozen, after apply_lora).
+    A quantized base (QLoRA-style fine-tuning) cannot take the update in its codes: it
+    becomes a float32 `Linear` holding dequantized W + (alpha / r) * B A, so the merged
+    model is a float model (`python -m gpt quantize` makes it small again).
     Raises UserError when the model has no adapters.
     """
     layers = _lora_layers(model)
     if not layers:
         raise UserError("model has no LoRA adapters to merge")
     for parent, attr, lora in layers:
-        lora.base.weight.copy_(lora.merged_weight())
-        setattr(parent, attr, lora.base)
+        base = lora.base.to_float_linear() if isinstance(lora.base, QuantizedLinear) else lora.base
+        base.weight.copy_(lora.merged_weight())
+        setattr(parent, attr, base)
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -28,6 +28,7 @@ from .config import ModelConfig, Section, TrainConfig, build_config, parse_overr
 from .errors import ConfigError, UserError
 from .lora import apply_lora, count_parameters, merge_lora
 from .model import GPT
+from .quantize import dequantize_model, is_quantized, parse_scheme, quantize_model, weight_bytes
 from .runtime import pick_device
 from .tokenizer import get_tokenizer
 from .weights import LoadedModel, is_preset_name, load_model_and_tokenizer
@@ -120,10 +121,32 @@ class FinetuneTrainConfig(TrainConfig):
 
     trainable: str = field(default="all", metadata={"help": "head | last:N (last N blocks + final norm + head) | "
                                                             "all | lora (adapters, see [lora])"})
+    quantize: str = field(default="none", metadata={"help": "none | int8 | int4 | int4:G: freeze the loaded model's "
+                                                            "block projections in that format before training "
+                                                            "(QLoRA-style: with trainable lora or head)"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        parse_trainable(self.trainable, self.kinds)
+        kind, _ = parse_trainable(self.trainable, self.kinds)
+        if self.quantize != "none":
+            try:
+                parse_scheme(self.quantize, "train.quantize")
+            except UserError as err:
+                raise ConfigError(str(err)) from None
+            if kind not in ("lora", "head"):
+                raise ConfigError(f"train.quantize {self.quantize}: a quantized base is frozen; train it with "
+                                  f"train.trainable lora (or head), not {self.trainable}")
+
+
+def quantize_base(body: GPT, spec: str) -> str | None:
+    """Quantize `body`'s block projections as `spec` says (train.quantize), in place; a line saying what was done,
+    or None for "none". The LM head and embeddings stay float."""
+    if spec == "none":
+        return None
+    before = weight_bytes(body)
+    scheme = parse_scheme(spec, "train.quantize")
+    quantize_model(body, scheme, include_head=False)
+    return f"base quantized to {scheme}: weights {before / 2**20:,.1f} MiB -> {weight_bytes(body) / 2**20:,.1f} MiB"
 
 
 def set_trainable(body: GPT, spec: str, lora: dict[str, Any] | None = None, head: nn.Module | None = None) -> str:
@@ -174,7 +197,8 @@ def describe_parameters(model: nn.Module) -> str:
 
 def best_weights(model: nn.Module, out_dir: Path, device: torch.device, lora_body: GPT | None = None) -> Path:
     """Load the best checkpoint's weights (lowest validation loss) into `model` and fold any LoRA adapters of
-    `lora_body` into plain weights, so the final checkpoint loads without LoRA code.
+    `lora_body` into plain weights, so the final checkpoint loads without LoRA code; a quantized base
+    (train.quantize) becomes float weights too, so it loads without quantization code.
 
     Returns the path the final checkpoint goes to (`checkpoints/final.pt`).
     """
@@ -186,4 +210,6 @@ def best_weights(model: nn.Module, out_dir: Path, device: torch.device, lora_bod
               file=sys.stderr)
     if lora_body is not None:
         merge_lora(lora_body)
+    if is_quantized(model):  # a QLoRA-style run: the final checkpoint is a float model every loader reads
+        dequantize_model(model)
     return out_dir / "checkpoints" / "final.pt"

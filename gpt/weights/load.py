@@ -15,12 +15,14 @@ from ..fetch import KNOWN_MODELS, resolve_model
 from ..model import GPT
 from ..tokenizer import Tokenizer, get_tokenizer
 from ..gguf_file import is_gguf_file
+from ..quantize.folder import is_quantized_folder, load_quantized, read_manifest
 from .gguf import load_gguf
 from .hf import config_from_hf, load_hf_folder, read_hf_config, resolve_dtype
 
 
 def load_pretrained(path: str | os.PathLike[str], *, dtype: torch.dtype | str = torch.float32) -> GPT:
-    """A `GPT` in eval mode from a Hugging Face folder, a GGUF file, our checkpoint, or a known model name.
+    """A `GPT` in eval mode from a Hugging Face folder, a GGUF file, our checkpoint or quantized folder, or a known
+    model name.
 
     Weights are converted to `dtype` (float32 by default, whatever the file stores).
     """
@@ -30,12 +32,16 @@ def load_pretrained(path: str | os.PathLike[str], *, dtype: torch.dtype | str = 
         return load_gguf(path, dtype)
     if kind == "hf":
         return load_hf_folder(path, dtype)
+    if kind == "quantized":
+        if dtype != torch.float32:
+            raise UserError(f"{path}: a quantized model loads as it was saved; dtype {dtype} does not apply")
+        return load_quantized(path)[0]
     model = model_from_checkpoint(load_checkpoint(path), path)
     return model.to(dtype).eval()
 
 
 def source_kind(path: str | os.PathLike[str]) -> tuple[str, Path]:
-    """What `path` holds: ("gguf", file), ("hf", folder) or ("checkpoint", file).
+    """What `path` holds: ("gguf", file), ("hf", folder), ("quantized", folder) or ("checkpoint", file).
 
     A path that does not exist may be a known model name (`gpt.fetch`), fetched on first use.
     """
@@ -43,6 +49,8 @@ def source_kind(path: str | os.PathLike[str]) -> tuple[str, Path]:
     if not path.exists():  # perhaps a known model name: fetched here (with a message) if not cached yet
         path = resolve_model(str(path))
     if path.is_dir():
+        if is_quantized_folder(path):
+            return "quantized", path
         if (path / "checkpoints").is_dir():
             return "checkpoint", resolve_checkpoint_path(path)
         if (path / "config.json").is_file():
@@ -90,6 +98,8 @@ def load_model_and_tokenizer(source: str, *, seed: int = 0) -> LoadedModel:
         tokenizer_name = source if source in KNOWN_MODELS else str(path.resolve())
     elif kind == "checkpoint":
         tokenizer_name = load_checkpoint(path).get("tokenizer", "gpt2")
+    elif kind == "quantized":
+        tokenizer_name = read_manifest(path)["tokenizer"]
     else:
         model_type, _ = config_from_hf(read_hf_config(path), path / "config.json")  # a bad config.json stops here
         if model_type != "gpt2":
