@@ -374,3 +374,22 @@ def test_smollm2_lora_run_on_a_slice_of_sms(tmp_path, smollm2_gguf):
     assert finetune_classifier.main(args) == 0
     final = load_checkpoint(tmp_path / "run" / "checkpoints" / "final.pt")
     assert final["tokenizer"] == "smollm2-135m-instruct" and not any("lora" in key for key in final["model"])
+
+
+def test_lora_on_an_int8_base_trains_and_the_final_checkpoint_is_float(tmp_path):
+    """train.quantize int8: the frozen projections run as int8 codes; the final checkpoint holds their
+    dequantized weights (each row an integer multiple of its scale) and loads without quantization code."""
+    data = write(tmp_path / "d.jsonl", "".join(json.dumps({"text": t, "label": int(label == "spam")}) + "\n"
+                                               for label, t in synthetic_rows(150, seed=2)))
+    run = tmp_path / "run"
+    report = run_script(run, data, "--train.max_steps", "12", "--train.trainable", "lora", "--lora.rank", "2",
+                        "--lora.targets", "q_proj,v_proj", "--train.quantize", "int8")
+    assert report["after"]["accuracy"] > report["before"]["accuracy"]
+    best, final = (load_checkpoint(run / "checkpoints" / f"{name}.pt")["model"] for name in ("best", "final"))
+    assert "gpt.blocks.0.attn.k_proj.base.qweight" not in best and "gpt.blocks.0.attn.k_proj.qweight" in best
+    frozen = final["gpt.blocks.0.attn.k_proj.weight"]  # not adapted: its dequantized int8 weight
+    steps = frozen / (frozen.abs().amax(dim=1, keepdim=True) / 127)
+    assert torch.allclose(steps, steps.round(), atol=1e-3)
+    model, info, tokenizer_name = load_classifier(run)
+    probabilities = classify_texts(model, get_tokenizer(tokenizer_name), ["WIN cash now", "see you"], info["pad_id"])
+    assert probabilities.shape == (2, 2)

@@ -125,3 +125,23 @@ def test_bad_records_name_the_file_and_line(tmp_path, content, message):
 def test_unknown_template_is_a_config_error(tmp_path):
     with pytest.raises(UserError, match="data.template: unknown template 'vicuna'"):
         finetune_instruct.main(["--model", "tiny", "--data.template", "vicuna", "--train.out_dir", str(tmp_path)])
+
+
+def test_lora_on_an_int4_base(tmp_path):
+    """train.quantize int4: training lowers the loss; the final checkpoint is float, its frozen layers the
+    int4 weights (at most 16 levels in each group of 32 inputs)."""
+    data = tmp_path / "records.jsonl"
+    write_records(data)
+    out = tmp_path / "run"
+    assert finetune_instruct.main([
+        "--model", "tiny", "--data.path", str(data), "--data.template", "alpaca", "--train.trainable", "lora",
+        "--lora.targets", "q_proj,v_proj", "--train.quantize", "int4", "--train.lr", "3e-3",
+        "--train.max_steps", "4", "--train.eval_interval", "4", "--train.batch_size", "4", "--train.dtype", "float32",
+        "--data.max_new_tokens", "2", "--train.out_dir", str(out), "--train.warmup_steps", "1",
+    ]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["after"]["response_loss"] < report["before"]["response_loss"]
+    final = torch.load(out / "checkpoints" / "final.pt", weights_only=True)["model"]
+    frozen = final["blocks.0.mlp.up_proj.weight"]  # (1024, 256)
+    levels = [len(group.unique()) for group in frozen.reshape(-1, 32)]
+    assert max(levels) <= 16
