@@ -267,7 +267,8 @@ def test_llama_q_and_k_rows_are_in_llama_cpp_order(exported):
     """Row 2i + half of a head in the file is row i + half * head_dim/2 of ours (llama.cpp rotates adjacent pairs)."""
     model, path = exported["llama", "f32"]
     stored = {t.name: t for t in gguf.GGUFReader(path).tensors}
-    for name, ours, heads in (("attn_q", model.blocks[0].attn.q_proj.weight, 4), ("attn_k", model.blocks[0].attn.k_proj.weight, 2)):
+    attn = model.blocks[0].attn
+    for name, ours, heads in (("attn_q", attn.q_proj.weight, 4), ("attn_k", attn.k_proj.weight, 2)):
         rows = np.asarray(stored[f"blk.0.{name}.weight"].data).reshape(ours.shape)
         head_dim = ours.shape[0] // heads
         for head in range(heads):
@@ -283,7 +284,8 @@ def test_llama_q_and_k_rows_are_in_llama_cpp_order(exported):
 @pytest.mark.parametrize("family, gguf_type", [("gpt2", "f32"), ("gpt2", "q8_0"), ("llama", "f32"), ("llama", "q4_0")])
 def test_transformers_reads_the_export_with_the_same_logits(exported, family, gguf_type):
     model, path = exported[family, gguf_type]
-    hf = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, attn_implementation="eager")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                           attn_implementation="eager")
     ids = make_ids(model.config.vocab_size)
     reference = model if gguf_type == "f32" else quantized_reference(model, gguf_type)  # transformers dequantizes
     assert max_diff(logits(hf.eval(), ids), logits(reference, ids)) < 1e-4
@@ -337,7 +339,8 @@ def test_modelfile_for_a_chatml_template(tmp_path):
     conversations = [
         [{"role": "user", "content": "Hi"}],
         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
-        [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}, {"role": "user", "content": "and 3+3?"}],
+        [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
+         {"role": "user", "content": "and 3+3?"}],
     ]  # fmt: skip
     for messages in conversations:
         expected = jinja.render(messages=messages, add_generation_prompt=True)
@@ -402,7 +405,8 @@ def test_gpt2_checkpoint_through_the_command_line_writes_a_completion_modelfile(
     assert convert_cli([str(tmp_path / "run"), "--to", "gguf", "--type", "q8_0", "--out", str(out), "--ollama"]) == 0
     assert out.read_bytes()[:4] == b"GGUF"
     assert (tmp_path / "Modelfile").read_text() == (
-        'FROM ./gpt2.gguf\n\nTEMPLATE """{{ .Prompt }}"""\n\nPARAMETER stop "<|endoftext|>"\nPARAMETER temperature 0.8\n'
+        'FROM ./gpt2.gguf\n\nTEMPLATE """{{ .Prompt }}"""\n\n'
+        'PARAMETER stop "<|endoftext|>"\nPARAMETER temperature 0.8\n'
     )
 
 
@@ -488,7 +492,11 @@ def test_command_line_error_exits_nonzero_with_the_message(small_run, tmp_path):
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_llama_cpp_gives_our_logits(exported, family):
     """llama.cpp (llama-cpp-python, built from source) runs the f32 export with the logits of our model."""
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (see benchmarks/llama_cpp.py)")
+    try:
+        import llama_cpp
+    except ImportError:
+        pytest.fail("-m llama_cpp needs llama-cpp-python: CMAKE_ARGS=-DGGML_NATIVE=OFF "
+                    "pip install --no-binary llama-cpp-python llama-cpp-python", pytrace=False)
     model, path = exported[family, "f32"]
     llm = llama_cpp.Llama(str(path), n_ctx=model.config.context_length, n_threads=2, logits_all=True, verbose=False)
     ids = make_ids(model.config.vocab_size, batch=1, length=16)[0].tolist()

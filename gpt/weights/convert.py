@@ -86,7 +86,8 @@ def convert_cli(argv: list[str]) -> int:
     parser.add_argument("--ollama", action="store_true",
                         help="--to gguf: also write an Ollama Modelfile beside the .gguf file")
     parser.add_argument("--temperature", type=float, default=None,
-                        help="--ollama: the Modelfile's sampling temperature (default: 0.8, as `python -m gpt generate`)")
+                        help="--ollama: the Modelfile's sampling temperature "
+                        "(default: 0.8, as `python -m gpt generate`)")
     args = parser.parse_args(argv)
     if args.to == "gguf":
         return _convert_to_gguf(args)
@@ -172,7 +173,9 @@ def _convert_to_gguf(args: argparse.Namespace) -> int:
     gguf_type = check_gguf_type(args.gguf_type or "f16")
     out_path = Path(args.out)
     if out_path.is_dir():
-        raise UserError(f"--out {out_path} is a folder; --to gguf writes one file, e.g. --out {out_path / 'model.gguf'}")
+        raise UserError(
+            f"--out {out_path} is a folder; --to gguf writes one file, e.g. --out {out_path / 'model.gguf'}"
+        )
     if out_path.suffix.lower() != ".gguf":
         raise UserError(f"--out {out_path}: a GGUF file's name should end in .gguf (llama.cpp and Ollama expect it)")
 

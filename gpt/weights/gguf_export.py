@@ -125,7 +125,9 @@ def gguf_architecture(config: ModelConfig) -> str:
 def check_gguf_type(gguf_type: str) -> str:
     """`gguf_type` if it is one of GGUF_TYPES, else a UserError naming it."""
     if gguf_type not in GGUF_TYPES:
-        raise UserError(f"--type {gguf_type!r} is not a GGUF type this exporter writes; use one of {', '.join(GGUF_TYPES)}")
+        raise UserError(
+            f"--type {gguf_type!r} is not a GGUF type this exporter writes; use one of {', '.join(GGUF_TYPES)}"
+        )
     return gguf_type
 
 
