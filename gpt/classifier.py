@@ -50,6 +50,7 @@ from .data import ClassificationDataset, iterate_classification_eval
 from .errors import ConfigError, UserError
 from .files import json_lines
 from .lora import apply_lora, merge_lora
+from .quantize import parse_scheme, quantize_model
 from .model import GPT
 from .runtime import pick_device
 from .tokenizer import Tokenizer, get_tokenizer
@@ -201,6 +202,19 @@ def resolve_classifier_checkpoint(path: str | Path) -> Path:
     return final if path.is_dir() and final.is_file() else resolve_checkpoint_path(path, "best")
 
 
+def classifier_checkpoint(source: str) -> Path | None:
+    """The checkpoint file when `source` is a classifier checkpoint or run folder, else None."""
+    path = Path(source).expanduser()
+    if not path.exists() or path.suffix.lower() == ".gguf" or (path / "config.json").is_file():
+        return None
+    try:
+        file = resolve_classifier_checkpoint(path)
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)  # mapped: reads no weights
+    except Exception:  # not a checkpoint: the language-model loader says what is wrong with it
+        return None
+    return file if isinstance(state, dict) and isinstance(state.get("classifier"), dict) else None
+
+
 def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> tuple[GPTClassifier, dict[str, Any], str]:
     """(model in eval mode, the checkpoint's "classifier" entry, tokenizer name) from a classifier checkpoint
     or run folder. A checkpoint saved with LoRA adapters in place gets them back, merged."""
@@ -309,7 +323,11 @@ def classify_cli(argv: list[str]) -> int:
     parser.add_argument("--batch-size", type=cli_args.positive_int, default=32,
                         help="texts per forward pass (default: %(default)s)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default: %(default)s)")
+    parser.add_argument("--quantize", metavar="SCHEME", default=None,
+                        help="quantize the body's projections as the model loads: int8, int4 or int4:G "
+                             "(the class head stays float)")
     args = parser.parse_args(argv)
+    scheme = parse_scheme(args.quantize) if args.quantize else None
     texts = [text.strip() for text in args.texts] + (read_texts(args.file) if args.file else [])
     if not texts:
         parser.error("give texts to classify, or --file FILE")
@@ -317,6 +335,8 @@ def classify_cli(argv: list[str]) -> int:
         raise UserError("a text to classify is empty")
 
     model, info, tokenizer_name = load_classifier(args.checkpoint, pick_device(args.device, "--device"))
+    if scheme is not None:
+        quantize_model(model.gpt, scheme, include_head=False)
     labels = info["labels"]
     threshold = parse_threshold(args.threshold, info)
     if threshold is not None:

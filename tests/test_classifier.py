@@ -393,3 +393,17 @@ def test_lora_on_an_int8_base_trains_and_the_final_checkpoint_is_float(tmp_path)
     model, info, tokenizer_name = load_classifier(run)
     probabilities = classify_texts(model, get_tokenizer(tokenizer_name), ["WIN cash now", "see you"], info["pad_id"])
     assert probabilities.shape == (2, 2)
+
+
+def test_classify_quantizes_as_it_loads(tmp_path, sms_like, capsys):
+    run_script(tmp_path, sms_like, "--train.max_steps", "8")
+    model, info, tokenizer_name = load_classifier(tmp_path)
+    texts = ["WIN FREE cash now claim", "see you at lunch mum"]
+    expected = classify_texts(model, get_tokenizer(tokenizer_name), texts, info["pad_id"])
+    capsys.readouterr()
+    assert classify_cli(["--checkpoint", str(tmp_path), "--json", "--quantize", "int8", *texts]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    for row, probabilities in zip(rows, expected):
+        assert row["probabilities"]["spam"] == pytest.approx(probabilities[1], abs=0.02)  # int8's small error
+    with pytest.raises(UserError, match="--quantize"):
+        classify_cli(["--checkpoint", str(tmp_path), "--quantize", "int4:7", texts[0]])

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from .. import cli_args
+from ..classifier import classifier_checkpoint
 from ..errors import UserError
 from ..weights import load_model_and_tokenizer
 from .folder import save_quantized
@@ -41,6 +42,8 @@ def quantize_cli(argv: list[str]) -> int:
     parser.add_argument("--to", required=True, choices=("int8", "int4"), help="the weight format")
     parser.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE, choices=INT4_GROUP_SIZES,
                         help="int4: inputs per scale and zero point (default: %(default)s)")
+    parser.add_argument("--symmetric", action="store_true",
+                        help="int4 without zero points (each group symmetric around 0), for comparison")
     parser.add_argument("--keep-head-float", action="store_true", help="leave the LM head in float")
     parser.add_argument("--out", required=True, help="the folder to write (must not exist, or be empty)")
     parser.add_argument("--seed", type=cli_args.seed, default=0, help=argparse.SUPPRESS)
@@ -49,9 +52,12 @@ def quantize_cli(argv: list[str]) -> int:
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out {out}: exists and is not an empty folder; choose a new one")
-    if args.to == "int8" and args.group_size != DEFAULT_GROUP_SIZE:
-        raise UserError("--group-size applies to --to int4 only")
-    scheme = QuantScheme("int8") if args.to == "int8" else QuantScheme("int4", args.group_size)
+    if args.to == "int8" and (args.group_size != DEFAULT_GROUP_SIZE or args.symmetric):
+        raise UserError("--group-size and --symmetric apply to --to int4 only")
+    scheme = QuantScheme("int8") if args.to == "int8" else QuantScheme("int4", args.group_size, args.symmetric)
+    if classifier_checkpoint(args.model) is not None:
+        raise UserError(f"{args.model}: a classifier; quantize it as it loads with "
+                        "`python -m gpt classify --checkpoint RUN --quantize int8|int4 ...`")
     loaded = load_model_and_tokenizer(args.model, seed=args.seed)
     model = loaded.model.float()
     before = weight_bytes(model)

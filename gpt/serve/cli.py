@@ -20,15 +20,15 @@ import signal
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from .. import cli_args
-from ..classifier import load_classifier, resolve_classifier_checkpoint
+from ..classifier import classifier_checkpoint, load_classifier
 from ..cli import add_model_arguments, model_from_args
 from ..errors import UserError
+from ..quantize import parse_scheme, quantize_model
 from ..runtime import pick_autocast_dtype, pick_device
 from ..tokenizer import get_tokenizer
 from .engine import Engine
@@ -72,19 +72,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def classifier_checkpoint(source: str) -> Path | None:
-    """The checkpoint file when `source` is a classifier checkpoint or run folder, else None."""
-    path = Path(source).expanduser()
-    if not path.exists() or path.suffix.lower() == ".gguf" or (path / "config.json").is_file():
-        return None
-    try:
-        file = resolve_classifier_checkpoint(path)
-        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)  # mapped: reads no weights
-    except Exception:  # not a checkpoint: the language-model loader says what is wrong with it
-        return None
-    return file if isinstance(state, dict) and isinstance(state.get("classifier"), dict) else None
-
-
 def load_served_model(args: argparse.Namespace) -> ServedModel:
     """What `--model` / `--checkpoint` / `--preset` names, ready to serve (a language model's engine started)."""
     from .app import Classifier, ServedModel  # FastAPI: imported once require_serving_stack has passed
@@ -93,6 +80,8 @@ def load_served_model(args: argparse.Namespace) -> ServedModel:
     file = None if args.preset else classifier_checkpoint(name)
     if file is not None:
         model, info, tokenizer_name = load_classifier(file, pick_device(args.device, "--device"))
+        if args.quantize:
+            quantize_model(model.gpt, parse_scheme(args.quantize), include_head=False)
         return ServedModel(name, get_tokenizer(tokenizer_name), model.max_length,
                            classifier=Classifier(model, list(info["labels"]), info["pad_id"]))
     model, tokenizer = model_from_args(args)
