@@ -34,6 +34,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from gpt.quantize import parse_scheme
+
 DEFAULT_FORMATS = "fp32,int8,int4:32,int4:128"
 MiB = 2**20
 
@@ -139,7 +141,8 @@ def cpu_model() -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--formats", default=DEFAULT_FORMATS, help="comma-separated: fp32, int8, int4, int4:G")
+    parser.add_argument("--formats", default=DEFAULT_FORMATS,
+                        help="comma-separated: fp32, int8, int4, int4:G, int4:G:symmetric (no zero points)")
     parser.add_argument("--text", default="data/botchan.txt")
     parser.add_argument("--window", type=int, default=1024)
     parser.add_argument("--stride", type=int, default=512)
@@ -162,10 +165,12 @@ def main(argv: list[str] | None = None) -> int:
         for fmt in args.formats.split(","):
             source = args.model
             if fmt != "fp32":
-                source = str(Path(folders) / fmt.replace(":", "-g"))
-                to, _, group = fmt.partition(":")
-                subprocess.run([sys.executable, "-m", "gpt", "quantize", "--model", args.model, "--to", to,
-                                *(["--group-size", group] if group else []), "--out", source], check=True)
+                source = str(Path(folders) / fmt.replace(":", "-"))
+                scheme = parse_scheme(fmt)
+                options = [] if scheme.format == "int8" else ["--group-size", str(scheme.group_size)]
+                options += ["--symmetric"] if scheme.symmetric else []
+                subprocess.run([sys.executable, "-m", "gpt", "quantize", "--model", args.model, "--to", scheme.format,
+                                *options, "--out", source], check=True)
             child = [sys.executable, "-m", "benchmarks.quantize", *(argv if argv is not None else sys.argv[1:]),
                      "--one", fmt, "--source", source]
             done = subprocess.run(child, check=True, stdout=subprocess.PIPE, text=True)
