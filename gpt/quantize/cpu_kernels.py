@@ -49,7 +49,7 @@ The tricks, in the order the C++ uses them:
       sum_k x_k * ((q_k - 8) * s + z) = s * sum_k x_k q_k + (z - 8 s) * sum_k x_k,
   so the inner loop only multiplies x by the raw codes; the group sums of x are computed once
   per row of x (shared by all N rows); each group adds s times its vector of partial sums, and
-  the (z - 8 s) terms are one short scalar loop over the groups at the end. The horizontal sum
+  the (z - 8 s) terms are one short loop over the groups at the end, 8 at a time. The horizontal sum
   of the vector happens once per output. The group size is a template parameter, so the loop
   over a group's blocks of 16 is unrolled (hence G in {16, 32, 64, 128, 256}).
 
@@ -131,41 +131,52 @@ void int8_dot_rows(const float* x, int64_t K, const int8_t* w, float scale, floa
     }
 }
 
-// Like int8_dot_rows, for one row of int4 codes in groups of G = 16 * B weights. xd holds x
-// de-interleaved (per block of 16: the 8 even-k elements, then the 8 odd-k ones); xsum[r * groups + g]
-// is the sum of x[r] over group g. Per group: acc = sum x * q as 8 lanes, total += s * acc; at the
-// end, the scalar sum over groups of (z - 8 s) * xsum. B is a template parameter so that the short
-// loop over a group's blocks is unrolled.
+// Adds scale * (sum over the group of G = 16 * B weights at k0 of x * q) to total[r], for the R
+// rows of x. xd holds x de-interleaved: per block of 16, the 8 even-k elements, then the 8 odd-k ones.
+template <int R, int B>
+inline void int4_group(const float* xd, int64_t K, const uint8_t* codes, int64_t k0, float scale, __m256* total) {
+    const __m256i low_nibble = _mm256_set1_epi32(0xF);
+    __m256 acc[R][2];
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (int b = 0; b < B; ++b) {
+        const int64_t k = k0 + 16 * b;
+        // 8 code bytes = weights k .. k+15, one byte per int32 lane.
+        const __m128i packed = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + k / 2));
+        const __m256i bytes = _mm256_cvtepu8_epi32(packed);
+        const __m256 even = _mm256_cvtepi32_ps(_mm256_and_si256(bytes, low_nibble));  // q[k], q[k+2], ...
+        const __m256 odd = _mm256_cvtepi32_ps(_mm256_srli_epi32(bytes, 4));          // q[k+1], q[k+3], ...
+        for (int r = 0; r < R; ++r) {
+            const float* xr = xd + r * K + k;
+            acc[r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(xr), even, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(_mm256_loadu_ps(xr + 8), odd, acc[r][1]);
+        }
+    }
+    const __m256 s = _mm256_set1_ps(scale);
+    for (int r = 0; r < R; ++r) total[r] = _mm256_fmadd_ps(s, _mm256_add_ps(acc[r][0], acc[r][1]), total[r]);
+}
+
+// Like int8_dot_rows, for one row of int4 codes in groups of G = 16 * B weights (B is a template
+// parameter so that the short loop over a group's blocks is unrolled). xsum[r * groups + g] is the
+// sum of x[r] over group g. At the end, the sum over groups of (z - 8 s) * xsum.
 template <int R, int B>
 void int4_dot_rows(const float* xd, const float* xsum, int64_t K, const uint8_t* codes, const float* scales,
                    const float* zeros, float* out, int64_t ldo) {
     constexpr int64_t G = 16 * B;
     const int64_t groups = K / G;
-    const __m256i low_nibble = _mm256_set1_epi32(0xF);
     __m256 total[R];
     for (int r = 0; r < R; ++r) total[r] = _mm256_setzero_ps();
-    for (int64_t g = 0; g < groups; ++g) {
-        __m256 acc[R][2];
-        for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-        for (int b = 0; b < B; ++b) {
-            const int64_t k = g * G + 16 * b;
-            // 8 code bytes = weights k .. k+15, one byte per int32 lane.
-            const __m128i packed = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + k / 2));
-            const __m256i bytes = _mm256_cvtepu8_epi32(packed);
-            const __m256 even = _mm256_cvtepi32_ps(_mm256_and_si256(bytes, low_nibble));  // q[k], q[k+2], ...
-            const __m256 odd = _mm256_cvtepi32_ps(_mm256_srli_epi32(bytes, 4));          // q[k+1], q[k+3], ...
-            for (int r = 0; r < R; ++r) {
-                const float* xr = xd + r * K + k;
-                acc[r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(xr), even, acc[r][0]);
-                acc[r][1] = _mm256_fmadd_ps(_mm256_loadu_ps(xr + 8), odd, acc[r][1]);
-            }
-        }
-        const __m256 s = _mm256_set1_ps(scales[g]);
-        for (int r = 0; r < R; ++r) total[r] = _mm256_fmadd_ps(s, _mm256_add_ps(acc[r][0], acc[r][1]), total[r]);
-    }
+    for (int64_t g = 0; g < groups; ++g) int4_group<R, B>(xd, K, codes, g * G, scales[g], total);
+    const __m256 eight = _mm256_set1_ps(8.0f);
     for (int r = 0; r < R; ++r) {
-        float bias = 0.0f;
-        for (int64_t g = 0; g < groups; ++g) bias += (zeros[g] - 8.0f * scales[g]) * xsum[r * groups + g];
+        // sum over groups of (z - 8 s) * xsum, 8 groups at a time (a scalar chain of adds would stall).
+        __m256 bias8 = _mm256_setzero_ps();
+        int64_t h = 0;
+        for (; h + 8 <= groups; h += 8) {
+            const __m256 offset = _mm256_fnmadd_ps(eight, _mm256_loadu_ps(scales + h), _mm256_loadu_ps(zeros + h));
+            bias8 = _mm256_fmadd_ps(offset, _mm256_loadu_ps(xsum + r * groups + h), bias8);
+        }
+        float bias = horizontal_sum(bias8);
+        for (; h < groups; ++h) bias += (zeros[h] - 8.0f * scales[h]) * xsum[r * groups + h];
         out[r * ldo] = horizontal_sum(total[r]) + bias;
     }
 }
