@@ -340,8 +340,10 @@ def _load() -> ModuleType | None:
                                   extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"], build_directory=str(folder),
                                   no_implicit_headers=True, verbose=False)
         except Exception as error:  # a missing compiler, a failed build: callers fall back to the reference
-            lines = [line for line in str(error).strip().splitlines() if line.strip()]
-            _reason = f"building the kernels failed: {type(error).__name__}: {lines[0] if lines else ''}"[:500]
+            lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+            # The first line names the step; the compiler's own complaint comes last.
+            summary = lines[0][:150] + "".join(f" | {line[:200]}" for line in lines[1:][-2:]) if lines else ""
+            _reason = f"building the kernels failed: {type(error).__name__}: {summary}"
         return _module
 
 
