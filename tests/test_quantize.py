@@ -156,11 +156,16 @@ def test_quantized_model_computes_with_its_dequantized_weights(family, spec):
         assert torch.allclose(quantized, reference(x), atol=1e-4)
 
 
-def test_int4_group_size_must_divide_every_layer():
-    model = small_model("gpt2")
-    with pytest.raises(UserError, match="int4 groups of 256 do not divide the 64 inputs"):
-        quantize_model(model, parse_scheme("int4:256"))
-    assert not is_quantized(model)  # checked before any layer was replaced
+def test_int4_layers_take_the_largest_group_size_that_divides_their_inputs():
+    model = quantize_model(small_model("gpt2"), parse_scheme("int4:256"))  # inputs: 64 (d_model), 128 (d_ff)
+    assert model.blocks[0].attn.q_proj.group_size == 64 and model.blocks[0].mlp.down_proj.group_size == 128
+    assert formats.layer_group_size(576, 128) == 64 and formats.layer_group_size(1536, 128) == 128
+    with pytest.raises(ValueError, match="no int4 group size up to 256 divides the layer's 48 inputs"):
+        formats.layer_group_size(48, 256)
+    odd = GPT(ModelConfig(vocab_size=96, context_length=8, d_model=48, n_layer=1, n_head=4))
+    with pytest.raises(UserError, match="int4 needs layers whose inputs are a multiple of 32"):
+        quantize_model(odd, parse_scheme("int4"))
+    assert not is_quantized(odd)  # checked before any layer was replaced
 
 
 def test_weight_bytes_follow_the_formats():
@@ -181,11 +186,12 @@ def test_weight_bytes_follow_the_formats():
 def test_quantize_verb_writes_a_folder_every_verb_loads(family, tmp_path, capsys):
     save_checkpoint(tmp_path / "float.pt", small_model(family, vocab_size=50257), tokenizer="gpt2")
     out = tmp_path / "q4"
-    assert gpt_main(["quantize", "--model", str(tmp_path / "float.pt"), "--to", "int4", "--out", str(out)]) == 0
+    assert gpt_main(["quantize", "--model", str(tmp_path / "float.pt"), "--to", "int4", "--group-size", "128",
+                     "--out", str(out)]) == 0  # groups of 128 where the inputs (128) allow, else 64
     manifest = json.loads((out / "quantization.json").read_text())
-    assert manifest["scheme"] == {"format": "int4", "group_size": 32, "symmetric": False}
+    assert manifest["scheme"] == {"format": "int4", "group_size": 128, "symmetric": False}
     loaded, tokenizer = load_quantized(out)
-    in_memory = quantize_model(small_model(family, vocab_size=50257), parse_scheme("int4"))
+    in_memory = quantize_model(small_model(family, vocab_size=50257), parse_scheme("int4:128"))
     x = ids()
     with torch.no_grad():
         assert torch.equal(loaded(x), in_memory(x))
@@ -214,8 +220,8 @@ def test_quantize_verb_refuses_bad_input_and_leaves_nothing(tmp_path):
     (tmp_path / "taken" / "file").write_text("x")
     with pytest.raises(UserError, match="not an empty folder"):
         gpt_main(["quantize", "--model", str(tmp_path / "float.pt"), "--to", "int8", "--out", str(tmp_path / "taken")])
-    with pytest.raises(UserError, match="int4 groups of 256"):
-        gpt_main(["quantize", "--model", str(tmp_path / "float.pt"), "--to", "int4", "--group-size", "256",
+    with pytest.raises(UserError, match="--group-size and --symmetric apply to --to int4 only"):
+        gpt_main(["quantize", "--model", str(tmp_path / "float.pt"), "--to", "int8", "--group-size", "64",
                   "--out", str(tmp_path / "new")])
     assert not (tmp_path / "new").exists()
     with pytest.raises(UserError, match="--quantize"):

@@ -24,7 +24,8 @@ examples:
 What is quantized: every attention and MLP projection, and the LM head (unless
 --keep-head-float); the embeddings stay float. int8 keeps one scale per output row;
 int4 one scale and zero point per group of G inputs (G in {', '.join(map(str, INT4_GROUP_SIZES))}; smaller
-groups are more accurate and slightly larger). The folder (quantization.json +
+groups are more accurate and slightly larger; a layer whose inputs G does not divide takes
+the largest smaller size that does). The folder (quantization.json +
 model.safetensors) loads with --model DIR in generate, chat, evaluate and serve; any
 other model can also be quantized as it loads, with --quantize int8|int4[:G].
 """

@@ -25,6 +25,7 @@ from ..config import ModelConfig
 from ..errors import ConfigError, UserError
 from ..files import atomic_target, write_json
 from ..model import GPT
+from .formats import layer_group_size
 from .linear import Int4Linear, Int8Linear
 from .model import BLOCK_PROJECTIONS, QuantScheme, weight_bytes
 
@@ -128,5 +129,6 @@ def _swap_in_empty_layers(model: GPT, scheme: QuantScheme, quantized_head: bool)
         if scheme.format == "int8":
             empty = Int8Linear.empty(linear.in_features, linear.out_features, has_bias)
         else:
-            empty = Int4Linear.empty(linear.in_features, linear.out_features, has_bias, scheme.group_size)
+            group_size = layer_group_size(linear.in_features, scheme.group_size)
+            empty = Int4Linear.empty(linear.in_features, linear.out_features, has_bias, group_size)
         setattr(parent, name, empty)

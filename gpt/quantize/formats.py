@@ -24,6 +24,10 @@ variant (zero = 0, 15 levels from -7 to 7 times max|w| / 7) for comparison.
 Two int4 codes share a byte: column 2j in the low nibble, column 2j + 1 in the high one,
 so the codes take (N, K / 2) bytes.
 
+A layer whose inputs the requested group size does not divide takes the largest allowed
+size below it that does (`layer_group_size`): asking SmolLM2 (576 = 9 x 64 inputs) for
+groups of 128 gives 128 where the inputs allow it (1536) and 64 elsewhere.
+
 Every function here is plain tensor code: it is also the reference the fast kernels
 (gpt/quantize/cpu_kernels.py) are tested against.
 """
@@ -85,6 +89,16 @@ def unpack_int4(codes: torch.Tensor) -> torch.Tensor:
     """(N, K/2) uint8 -> codes (N, K) uint8 in [0, 15]; the inverse of `pack_int4`."""
     low, high = codes & 0x0F, codes >> 4
     return torch.stack([low, high], dim=-1).reshape(codes.shape[0], -1)  # (N, K/2, 2) -> (N, K)
+
+
+def layer_group_size(in_features: int, requested: int) -> int:
+    """The group size a layer of `in_features` inputs gets when `requested` is asked for: the largest of
+    INT4_GROUP_SIZES up to `requested` that divides the inputs (SmolLM2's 576 = 9 x 64 takes 64 for 128).
+    ValueError when none does (inputs not a multiple of 32)."""
+    fitting = [size for size in INT4_GROUP_SIZES if size <= requested and in_features % size == 0]
+    if not fitting:
+        raise ValueError(f"no int4 group size up to {requested} divides the layer's {in_features} inputs")
+    return max(fitting)
 
 
 def check_int4_shape(in_features: int, group_size: int) -> None:

@@ -63,8 +63,10 @@ def parse_scheme(spec: str, where: str = "--quantize") -> QuantScheme:
 def quantize_model(model: GPT, scheme: QuantScheme, include_head: bool = True) -> GPT:
     """Replace the model's block projections (and its LM head, with `include_head`) by quantized layers, in place.
 
-    Raises UserError when an int4 group size does not divide a layer's inputs, or the
-    model is already quantized. Returns the model.
+    With int4, a layer whose inputs `scheme.group_size` does not divide takes the largest
+    smaller group size that does (`formats.layer_group_size`). Raises UserError when a
+    layer's inputs are not a multiple of 32 (int4), or the model is already quantized.
+    Returns the model.
     """
     if is_quantized(model):
         raise UserError("this model is already quantized")
@@ -73,9 +75,9 @@ def quantize_model(model: GPT, scheme: QuantScheme, include_head: bool = True) -
     if include_head and isinstance(model.lm_head, nn.Linear):
         targets.append((model, "lm_head", model.lm_head))
     for _, name, linear in targets:
-        if scheme.format == "int4" and linear.in_features % scheme.group_size:
-            raise UserError(f"int4 groups of {scheme.group_size} do not divide the {linear.in_features} inputs "
-                            f"of {name}; choose a group size that does (int4:32 divides the most)")
+        if scheme.format == "int4" and linear.in_features % formats.INT4_GROUP_SIZES[0]:
+            raise UserError(f"int4 needs layers whose inputs are a multiple of {formats.INT4_GROUP_SIZES[0]}; "
+                            f"{name} has {linear.in_features}")
     for parent, name, linear in targets:
         setattr(parent, name, quantized_copy(linear, scheme))
     if include_head:
@@ -102,7 +104,8 @@ def quantized_copy(linear: nn.Linear, scheme: QuantScheme) -> QuantizedLinear:
     if scheme.format == "int8":
         layer: QuantizedLinear = Int8Linear.from_linear(linear)
     else:
-        layer = Int4Linear.from_linear(linear, scheme.group_size, scheme.symmetric)
+        group_size = formats.layer_group_size(linear.in_features, scheme.group_size)
+        layer = Int4Linear.from_linear(linear, group_size, scheme.symmetric)
     return layer.to(linear.weight.device)
 
 
