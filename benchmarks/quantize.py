@@ -8,7 +8,8 @@ projection and the LM head), then measured in a process of its own that loads th
 so its peak RSS is what a user of the quantized model pays (no float model on the way).
 The fp32 row loads `--model` itself. Each process measures:
 
-    perplexity   `--text` with sliding windows (`--window`, `--stride`), as `python -m gpt evaluate --text`
+    perplexity   `--text` (or its last `--held-out` fraction of tokens) with sliding windows (`--window`,
+                 `--stride`), as `python -m gpt evaluate --text`
     decode       `--new-tokens` greedy tokens after a short prompt, batch 1, no eos; the best of `--rounds`
     where time   the same decode with a timer around every linear layer (projections and head): the
     goes         share of a token spent in the weight products, the rest being attention, norms, RoPE,
@@ -98,6 +99,7 @@ def time_in_linear_layers(model: nn.Module, prompt: list[int], new_tokens: int) 
 
 def measure_one(args: argparse.Namespace) -> dict:
     """Everything for one format, in this process."""
+    from gpt.data.corpus import load_text_corpus
     from gpt.evaluate.language_model import text_metrics
     from gpt.quantize import weight_bytes
     from gpt.weights import load_model_and_tokenizer
@@ -108,6 +110,9 @@ def measure_one(args: argparse.Namespace) -> dict:
     row: dict = {"format": args.one, "weight_bytes": weight_bytes(model), "streamed_bytes": streamed_bytes(model)}
     text = Path(args.text).read_text(encoding="utf-8")
     prompt = tokenizer.encode(text[:200])[:16]
+    if args.held_out:  # the validation split the training scripts hold out of --data.path TEXT, as text
+        _, val, _ = load_text_corpus(args.text, tokenizer, args.held_out)
+        text = tokenizer.decode(val.tolist())
     with torch.no_grad():
         decode_seconds(model, prompt, 8)  # warm-up (and the kernels' first load)
         best = min(decode_seconds(model, prompt, args.new_tokens) for _ in range(args.rounds))
@@ -144,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--formats", default=DEFAULT_FORMATS,
                         help="comma-separated: fp32, int8, int4, int4:G, int4:G:symmetric (no zero points)")
     parser.add_argument("--text", default="data/botchan.txt")
+    parser.add_argument("--held-out", type=float, default=0.0, metavar="FRACTION",
+                        help="perplexity on the validation split (this fraction, at the end) that the training "
+                             "scripts hold out of --text, as `prune --recover-steps` does; 0 = the whole text")
     parser.add_argument("--window", type=int, default=1024)
     parser.add_argument("--stride", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=128)
@@ -195,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         record = {"command": "python -m benchmarks.quantize " + " ".join(argv if argv is not None else sys.argv[1:]),
                   "cpu": cpu_model(), "threads": args.threads, "torch": torch.__version__,
-                  "read_bandwidth_gb_s": bandwidth, "model": args.model, "text": args.text, "window": args.window,
+                  "read_bandwidth_gb_s": bandwidth, "model": args.model, "text": args.text,
+                  "held_out": args.held_out, "window": args.window,
                   "stride": args.stride, "new_tokens": args.new_tokens, "rows": rows}
         Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
     return 0
