@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -361,7 +362,9 @@ def prune_cli(argv: list[str]) -> int:
 
     if config:
         recovery, exit_code = recover(model, masks, loaded.tokenizer, loaded.tokenizer_name, config, args, recipe)
-        if exit_code:  # interrupted: the run has said how to resume; no recipe for an unfinished folder
+        if exit_code:  # a signal stopped it: no recipe is written for an unfinished folder
+            print(f"[recovery stopped at step {recovery['steps']}: {args.out} holds the unfinished run and no "
+                  f"{RECIPE_NAME}; prune again into a new folder]", file=sys.stderr)
             return exit_code
         recipe["recovery"] = recovery
         checkpoint = resolve_checkpoint_path(args.out)
