@@ -14,7 +14,9 @@ and loaded by llama.cpp through llama-cpp-python. Two measurements:
   it rounds the activations to 8-bit blocks inside its matmuls, and keeps an f16 KV cache).
 * speed: llama.cpp's batch-1 decode, `--new-tokens` greedy tokens after an 8-token prompt
   (fewer when the context is shorter), `--threads` threads; the median of `--repeats` runs
-  in tokens/s. This is the part to re-run on a quiet machine: `--only speed`.
+  in tokens/s, with the load average beside it. This is the part to re-run on a quiet
+  machine (`--only speed`): on a shared one, llama.cpp's threads wait for each other at
+  every op, and 2 threads can decode a hundred times slower than 1.
 
 Results are printed as a table and written as JSON (CPU model, command, versions) under
 benchmarks/results/.
@@ -173,8 +175,10 @@ def decode_speed(path: Path, ids: list[int], context_length: int, args: argparse
             llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
         rates.append(new_tokens / (time.perf_counter() - start))
     llm.close()
+    # With more runnable processes than cores, llama.cpp's threads wait for each other at every op's barrier:
+    # measured here, 2 threads decoded at 3.5 tokens/s with a load average near 4, 1 thread at 630.
     return {"decode_tokens_per_s": round(statistics.median(rates), 1), "decode_runs": [round(r, 1) for r in rates],
-            "new_tokens": new_tokens}  # fmt: skip
+            "new_tokens": new_tokens, "load_average_1min": round(os.getloadavg()[0], 2)}  # fmt: skip
 
 
 def machine() -> dict[str, Any]:
