@@ -498,9 +498,10 @@ def test_llama_cpp_gives_our_logits(exported, family):
         pytest.fail("-m llama_cpp needs llama-cpp-python: CMAKE_ARGS=-DGGML_NATIVE=OFF "
                     "pip install --no-binary llama-cpp-python llama-cpp-python", pytrace=False)
     model, path = exported[family, "f32"]
-    llm = llama_cpp.Llama(str(path), n_ctx=model.config.context_length, n_threads=2, logits_all=True, verbose=False)
+    llm = llama_cpp.Llama(str(path), n_ctx=model.config.context_length, n_threads=2, logits_all=True, verbose=False,
+                          type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)  # its default cache is f16
     ids = make_ids(model.config.vocab_size, batch=1, length=16)[0].tolist()
     llm.eval(ids)
     theirs = torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))  # (T, V)
     ours = logits(model, torch.tensor([ids]))[0]
-    assert max_diff(theirs, ours) < 1e-3  # float32 throughout, ggml's own summation order and GELU/exp kernels
+    assert max_diff(theirs, ours) < 1e-3  # float32 throughout; ggml's own summation order and GELU/exp kernels
