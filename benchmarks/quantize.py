@@ -120,10 +120,11 @@ def measure_one(args: argparse.Namespace) -> dict:
         in_linear, total = time_in_linear_layers(model, prompt, args.new_tokens)
         row["linear_share"] = in_linear / total
         row["ms_per_token_outside_linear"] = 1000 * (total - in_linear) / args.new_tokens
+        row["peak_rss_mib_decode"] = peak_rss_mib()  # loading and decoding; the perplexity's batches come next
         if args.perplexity:
             metrics = text_metrics(model, tokenizer, text, args.window, args.stride)
             row.update(perplexity=metrics["perplexity"], loss=metrics["loss"], scored_tokens=metrics["scored_tokens"])
-    row["peak_rss_mib"] = peak_rss_mib()
+    row["peak_rss_mib"] = peak_rss_mib()  # with the perplexity's batches of `--window` tokens
     return row
 
 
@@ -187,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     bandwidth = max(bandwidth_before, read_bandwidth())
     fp32 = next((r for r in rows if r["format"] == "fp32"), None)
     print(f"\nread bandwidth {bandwidth:.1f} GB/s ({args.threads} threads); {cpu_model()}; torch {torch.__version__}")
-    print(f"{'format':<10} {'ppl':>8} {'Δppl':>7} {'weights MiB':>11} {'read/token MiB':>14} {'peak RSS MiB':>12} "
+    print(f"{'format':<10} {'ppl':>8} {'Δppl':>7} {'weights MiB':>11} {'read/token MiB':>14} {'RSS decode':>10} {'RSS ppl':>8} "
           f"{'tok/s':>7} {'vs fp32':>7} {'limit':>7} {'of limit':>8} {'in matmuls':>10} {'other ms/tok':>12}")
     for row in rows:
         row["bandwidth_limit_tokens_per_s"] = bandwidth * 1e9 / row["streamed_bytes"]
@@ -197,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
                  if fp32 and "perplexity" in row and "perplexity" in fp32 else f"{'-':>7}")
         speedup = f"{row['decode_tokens_per_s'] / fp32['decode_tokens_per_s']:6.2f}x" if fp32 else f"{'-':>7}"
         print(f"{row['format']:<10} {ppl} {delta} {row['weight_bytes'] / MiB:11.1f} {row['streamed_bytes'] / MiB:14.1f} "
-              f"{row['peak_rss_mib']:12.0f} {row['decode_tokens_per_s']:7.1f} {speedup} "
+              f"{row['peak_rss_mib_decode']:10.0f} {row['peak_rss_mib']:8.0f} {row['decode_tokens_per_s']:7.1f} {speedup} "
               f"{row['bandwidth_limit_tokens_per_s']:7.1f} {row['fraction_of_limit']:8.0%} "
               f"{row['linear_share']:10.0%} {row['ms_per_token_outside_linear']:12.2f}")
     if args.out:

@@ -311,7 +311,9 @@ class GPT(nn.Module):
             logits = self.lm_head(hidden)  # (B, T, V)
             return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
         # The same loss and gradients, a chunk of rows at a time, never holding all the logits.
-        return linear_cross_entropy(hidden.flatten(0, 1), self.lm_head.weight, targets.flatten(), self.loss_workspace)
+        # A quantized head (gpt/quantize) has no float weight: the loss reads its dequantized copy.
+        weight = self.lm_head.weight if isinstance(self.lm_head, nn.Linear) else self.lm_head.dequantize()
+        return linear_cross_entropy(hidden.flatten(0, 1), weight, targets.flatten(), self.loss_workspace)
 
     def new_cache(self, batch_size: int, max_length: int | None = None) -> KVCache:
         """An empty KV cache on the model's device and dtype."""

@@ -297,3 +297,18 @@ def test_train_quantize_needs_a_frozen_base():
     with pytest.raises(ConfigError, match="train.quantize"):
         FinetuneTrainConfig(trainable="lora", quantize="int5")
     assert FinetuneTrainConfig(trainable="lora", quantize="int4:64").quantize == "int4:64"
+
+
+@pytest.mark.parametrize("spec", ["int8", "int4:32"])
+def test_the_fused_loss_reads_a_quantized_head(spec):
+    """model(x, targets) with a quantized head equals the cross-entropy of its logits, and trains through it."""
+    model = quantize_model(small_model("gpt2"), parse_scheme(spec))
+    assert model.config.loss_impl == "fused"
+    x, targets = ids(), ids().roll(1, dims=1)
+    with torch.no_grad():
+        expected = F.cross_entropy(model(x).flatten(0, 1), targets.flatten())
+    apply_lora(model, rank=2, alpha=4.0, targets=("q_proj",))
+    loss = model(x, targets=targets)
+    assert torch.allclose(loss, expected, atol=1e-5)
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

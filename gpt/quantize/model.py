@@ -80,9 +80,6 @@ def quantize_model(model: GPT, scheme: QuantScheme, include_head: bool = True) -
                             f"{name} has {linear.in_features}")
     for parent, name, linear in targets:
         setattr(parent, name, quantized_copy(linear, scheme))
-    if include_head:
-        # The fused head + loss multiplies by the float head weight directly; a quantized head goes through its layer.
-        model.config = dataclasses.replace(model.config, loss_impl="plain")
     return model
 
 
