@@ -46,6 +46,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from gpt.bench.cli import cpu_name
 from gpt.files import write_json
 from gpt.weights import convert_cli, load_model_and_tokenizer, load_pretrained
 
@@ -183,13 +184,7 @@ def decode_speed(path: Path, ids: list[int], context_length: int, args: argparse
 
 def machine() -> dict[str, Any]:
     """The CPU model (from /proc/cpuinfo), the logical CPU count, the OS."""
-    cpu = platform.processor()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "platform": platform.platform()}
+    return {"cpu": cpu_name(), "logical_cpus": os.cpu_count(), "platform": platform.platform()}
 
 
 def versions() -> dict[str, str]:

@@ -15,7 +15,7 @@ The fp32 row loads `--model` itself. Each process measures:
     goes         share of a token spent in the weight products, the rest being attention, norms, RoPE,
                  sampling and Python
 
-The read bandwidth is measured in the same run (a sum over a 512 MB float32 tensor on the
+The read bandwidth is measured in the same run (the median of 7 sums over a 512 MB float32 tensor on the
 same threads), before and after the formats, and each format's tokens/s is set against its
 limit: bandwidth / bytes read per token, those bytes being the projections' and the head's
 weights (codes, scales and zero points when quantized; the embedding lookup reads one row).
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import tempfile
@@ -35,21 +34,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from benchmarks.quant_kernels import read_bandwidth
+from gpt.bench.cli import cpu_name
 from gpt.quantize import parse_scheme
 
 DEFAULT_FORMATS = "fp32,int8,int4:32,int4:128"
 MiB = 2**20
-
-
-def read_bandwidth(megabytes: int = 512, rounds: int = 7) -> float:
-    """GB/s of `torch.sum` over a float32 tensor much larger than the caches: the best of `rounds`."""
-    data = torch.ones(megabytes * MiB // 4)
-    best = float("inf")
-    for _ in range(rounds):
-        start = time.perf_counter()
-        data.sum()
-        best = min(best, time.perf_counter() - start)
-    return data.numel() * 4 / best / 1e9
 
 
 def streamed_bytes(model: nn.Module) -> int:
@@ -137,13 +127,6 @@ def peak_rss_mib() -> float:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
@@ -168,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     torch.set_num_threads(args.threads)
-    bandwidth_before = read_bandwidth()
+    bandwidth_before = read_bandwidth(rounds=7) / 1e9
     rows = []
     with tempfile.TemporaryDirectory() as folders:
         for fmt in args.formats.split(","):
@@ -185,9 +168,9 @@ def main(argv: list[str] | None = None) -> int:
             done = subprocess.run(child, check=True, stdout=subprocess.PIPE, text=True)
             rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
             print(f"[{fmt} measured]", file=sys.stderr)
-    bandwidth = max(bandwidth_before, read_bandwidth())
+    bandwidth = max(bandwidth_before, read_bandwidth(rounds=7) / 1e9)
     fp32 = next((r for r in rows if r["format"] == "fp32"), None)
-    print(f"\nread bandwidth {bandwidth:.1f} GB/s ({args.threads} threads); {cpu_model()}; torch {torch.__version__}")
+    print(f"\nread bandwidth {bandwidth:.1f} GB/s ({args.threads} threads); {cpu_name()}; torch {torch.__version__}")
     print(f"{'format':<10} {'ppl':>8} {'Δppl':>7} {'weights MiB':>11} {'read/token MiB':>14} {'RSS decode':>10} {'RSS ppl':>8} "
           f"{'tok/s':>7} {'vs fp32':>7} {'limit':>7} {'of limit':>8} {'in matmuls':>10} {'other ms/tok':>12}")
     for row in rows:
@@ -203,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{row['linear_share']:10.0%} {row['ms_per_token_outside_linear']:12.2f}")
     if args.out:
         record = {"command": "python -m benchmarks.quantize " + " ".join(argv if argv is not None else sys.argv[1:]),
-                  "cpu": cpu_model(), "threads": args.threads, "torch": torch.__version__,
+                  "cpu": cpu_name(), "threads": args.threads, "torch": torch.__version__,
                   "read_bandwidth_gb_s": bandwidth, "model": args.model, "text": args.text,
                   "held_out": args.held_out, "window": args.window,
                   "stride": args.stride, "new_tokens": args.new_tokens, "rows": rows}

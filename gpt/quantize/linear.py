@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..linear import Linear
-from . import formats
+from . import cpu_kernels, formats
 
 # Decoding steps have one row per sequence; beyond this many rows the float matmul wins.
 FAST_PATH_MAX_ROWS = 8
@@ -116,8 +116,6 @@ class Int8Linear(QuantizedLinear):
         return formats.dequantize_int8(self.qweight, self.scales)
 
     def fast_product(self, x: torch.Tensor) -> torch.Tensor | None:
-        from . import cpu_kernels
-
         return cpu_kernels.int8_matmul(x, self.qweight, self.scales) if cpu_kernels.available() else None
 
     def extra_repr(self) -> str:
@@ -152,8 +150,6 @@ class Int4Linear(QuantizedLinear):
         return formats.dequantize_int4(self.codes, self.scales, self.zeros)
 
     def fast_product(self, x: torch.Tensor) -> torch.Tensor | None:
-        from . import cpu_kernels
-
         if not cpu_kernels.available():
             return None
         return cpu_kernels.int4_matmul(x, self.codes, self.scales, self.zeros, self.group_size)

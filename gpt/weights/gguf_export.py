@@ -71,7 +71,7 @@ from ..files import atomic_target
 from ..gguf_file import import_gguf, metadata_array, metadata_value, open_gguf
 from ..model import GPT
 from .gguf import GGUF_LAYER_MODULES, GGUF_TOP_MODULES, GPT2_QKV
-from .hf import FAMILY_FIELDS
+from .hf import family_mismatches
 from .tokenizer_files import GPT2_EOT, gpt2_vocabulary
 
 GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0")
@@ -106,20 +106,17 @@ class ExportedGGUF:
 
 def gguf_architecture(config: ModelConfig) -> str:
     """'gpt2' or 'llama', or a UserError naming the fields that keep the model out of both."""
-    for family, fields in FAMILY_FIELDS.items():
-        if all(getattr(config, name) == value for name, value in fields.items()):
-            if family == "gpt2" and config.n_kv_head != config.n_head:
-                raise UserError(
-                    f"model.n_kv_head = {config.n_kv_head} (grouped-query attention) cannot be written as GGUF "
-                    f"architecture gpt2, which has plain multi-head attention (n_kv_head == n_head = {config.n_head})"
-                )
-            return family
-    wrong = "; ".join(
-        f"as {family}: " + ", ".join(f"{name}={getattr(config, name)} (needs {value})"
-                                     for name, value in fields.items() if getattr(config, name) != value)
-        for family, fields in FAMILY_FIELDS.items()
-    )  # fmt: skip
-    raise UserError(f"this model matches no GGUF architecture llama.cpp runs: {wrong}")
+    mismatches = family_mismatches(config)
+    family = next((family for family, wrong in mismatches.items() if not wrong), None)
+    if family is None:
+        wrong = "; ".join(f"as {f}: {', '.join(w)}" for f, w in mismatches.items())
+        raise UserError(f"this model matches no GGUF architecture llama.cpp runs: {wrong}")
+    if family == "gpt2" and config.n_kv_head != config.n_head:
+        raise UserError(
+            f"model.n_kv_head = {config.n_kv_head} (grouped-query attention) cannot be written as GGUF "
+            f"architecture gpt2, which has plain multi-head attention (n_kv_head == n_head = {config.n_head})"
+        )
+    return family
 
 
 def check_gguf_type(gguf_type: str) -> str:

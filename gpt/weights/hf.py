@@ -70,6 +70,14 @@ FAMILY_FIELDS = {
 }
 HF_CLASS = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
 
+
+def family_mismatches(config: ModelConfig) -> dict[str, list[str]]:
+    """For each family of FAMILY_FIELDS, the fields of `config` that keep it out ("norm=rmsnorm (needs
+    layernorm)"); a family with an empty list is the one the model belongs to."""
+    return {family: [f"{name}={getattr(config, name)} (needs {value})" for name, value in fields.items()
+                     if getattr(config, name) != value]
+            for family, fields in FAMILY_FIELDS.items()}  # fmt: skip
+
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 

@@ -20,10 +20,10 @@ from ..files import atomic_target, write_json
 from ..model import GPT
 from .hf import (
     DTYPE_NAMES,
-    FAMILY_FIELDS,
     HF_CLASS,
     LLAMA_LAYER_MODULES,
     LLAMA_TOP_MODULES,
+    family_mismatches,
     import_safetensors,
     resolve_dtype,
 )
@@ -31,23 +31,19 @@ from .hf import (
 
 def hf_family(config: ModelConfig) -> str:
     """'gpt2' or 'llama': the transformers architecture this config maps onto, or a UserError saying why none."""
-    for family, fields in FAMILY_FIELDS.items():
-        if all(getattr(config, name) == value for name, value in fields.items()):
-            if family == "gpt2" and config.n_kv_head != config.n_head:
-                raise UserError(
-                    f"model.n_kv_head = {config.n_kv_head} (grouped-query attention) has no equivalent in "
-                    f"GPT2LMHeadModel, which needs n_kv_head == n_head ({config.n_head})"
-                )
-            return family
-    lines = []
-    for family, fields in FAMILY_FIELDS.items():
-        wrong = [f"{name}={getattr(config, name)} (needs {value})" for name, value in fields.items()
-                 if getattr(config, name) != value]  # fmt: skip
-        lines.append(f"as {HF_CLASS[family]}: {', '.join(wrong)}")
-    raise UserError(
-        "this model has no transformers equivalent: fields model.pos_emb, model.norm and model.mlp must all "
-        "match one family; " + "; ".join(lines)
-    )
+    mismatches = family_mismatches(config)
+    family = next((family for family, wrong in mismatches.items() if not wrong), None)
+    if family is None:
+        raise UserError(
+            "this model has no transformers equivalent: fields model.pos_emb, model.norm and model.mlp must all "
+            "match one family; " + "; ".join(f"as {HF_CLASS[f]}: {', '.join(w)}" for f, w in mismatches.items())
+        )
+    if family == "gpt2" and config.n_kv_head != config.n_head:
+        raise UserError(
+            f"model.n_kv_head = {config.n_kv_head} (grouped-query attention) has no equivalent in "
+            f"GPT2LMHeadModel, which needs n_kv_head == n_head ({config.n_head})"
+        )
+    return family
 
 
 def save_pretrained(
