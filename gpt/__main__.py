@@ -25,6 +25,9 @@ VERBS: dict[str, tuple[str, str]] = {
     "serve": ("gpt.serve.cli:serve_cli", "serve a model over HTTP: OpenAI-compatible API and a chat page"),
     "bench": ("gpt.bench:bench_cli", "training/generation speed, MFU and peak memory against transformers"),
     "lm-eval": ("gpt.evaluate.harness:lm_eval_cli", "lm-evaluation-harness with our model as --model gpt (eval extra)"),
+    "compare": ("gpt.compare:compare_cli", "side-by-side table of run folders' config differences, metrics and curves"),
+    "ladder": ("gpt.ladder:ladder_cli", "the improvement loop: rungs of growing data and model, each grown from the last"),
+    "sweep": ("gpt.sweep:sweep_cli", "hyperparameter search over any script's config fields with Optuna (sweep extra)"),
 }
 
 
