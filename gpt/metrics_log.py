@@ -2,8 +2,9 @@
 
 Each record has a `step` and a `split` ("train" or "val") and numbers: the training
 loop writes a "train" record every `log_interval` steps (loss, lr, tokens/s, gradient
-norm, MFU, tokens seen) and a "val" record at every evaluation (validation metrics, lr,
-tokens/s over the run). Only rank 0 logs.
+norm, MFU, tokens seen as "tokens") and a "val" record at every evaluation (validation
+metrics, lr, tokens/s over the run, "tokens_seen"; a language model's "tokens" there are
+the validation tokens scored). Only rank 0 logs. gpt.curves reads the file back.
 
 The file reads as one uninterrupted run, however often the run was stopped: on resume,
 the records an interrupted run wrote after its last checkpoint are dropped (all of them

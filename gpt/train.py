@@ -13,6 +13,7 @@ does, for each optimizer step:
     every eval_interval steps: validation loss and perplexity, latest/best  evaluate_and_checkpoint
     checkpoints, early stopping on the validation loss
     on SIGINT/SIGTERM: save the latest checkpoint and stop                   _StopSignal
+    however the run ends: curves.png in the run folder (gpt.curves)         train
 
 "best" is only ever a finite validation loss no more than DIVERGED_FACTOR times the
 untrained model's: a run that blows up does not save its blown-up weights as its best.
@@ -45,6 +46,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import load_model_state, save_checkpoint
 from .config import TrainConfig
+from .curves import plot_run_curves
 from .errors import UserError
 from .metrics_log import MetricsLog
 from .model import GPT
@@ -311,7 +313,7 @@ class RunReport:
     def validation(self, run: RunState, lr: float, improved: bool) -> None:
         """A "val" record of run.last_val, and its line on the terminal."""
         self.log.log({"step": run.step, "split": "val", **run.last_val, "lr": lr,
-                      "tokens_per_s": run.tokens_seen / max(run.train_seconds, 1e-9)})
+                      "tokens_per_s": run.tokens_seen / max(run.train_seconds, 1e-9), "tokens_seen": run.tokens_seen})
         self.say(f"step {run.step}: val loss {run.last_val['loss']:.4f}, ppl {run.last_val['ppl']:.2f}"
                  + (" (best)" if improved else ""))
 
@@ -446,5 +448,10 @@ def train(task: TrainTask, cfg: TrainConfig, runtime: Runtime, run_config: dict[
                     break
     finally:
         report.close()
+        if runtime.is_main:  # the run is saved by now: a plot that fails is a note, never the run's error
+            try:
+                plot_run_curves(runtime.out_dir)
+            except Exception as err:
+                print(f"[curves.png not written: {err}]", file=sys.stderr)
     return TrainResult(run.step, run.best_val_loss, run.last_val, stopped_early, stop_signal, run.train_seconds,
                        run.tokens_seen / max(run.train_seconds, 1e-9))
