@@ -61,7 +61,6 @@ class Run:
         if missing:
             raise UserError(f"{path}: not a training run's folder (no {' or '.join(missing)}; a run folder holds "
                             f"config.json and metrics.jsonl)")
-        self.path = path
         self.name = str(path)
         self.config = flatten(read_config(path / "config.json"))
         self.records = read_metrics(path / "metrics.jsonl")
