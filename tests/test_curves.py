@@ -10,10 +10,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+import gpt.tasks
 import pretrain
 from gpt.curves import evaluations, plot_run_curves, read_metrics, run_curves_figure
 from gpt.data import BatchLoader
 from gpt.errors import UserError
+from gpt.train import TrainingStopped
 
 BATCH, CONTEXT = 4, 32  # every training window is full: a step trains on BATCH * CONTEXT tokens
 SMALL_RUN = [
@@ -75,6 +77,26 @@ def test_a_run_stopped_by_sigterm_has_its_curves(tmp_path, corpus, monkeypatch):
     run(tmp_path, corpus, exit_code=128 + signal.SIGTERM)
     assert records(tmp_path, "train")[-1]["step"] == 4
     assert_png(tmp_path / "curves.png", (1500, 400))
+
+
+@pytest.mark.parametrize("failure, curves", [(float("nan"), True), (KeyboardInterrupt, False)],
+                         ids=["non-finite-loss", "second-ctrl-c"])
+def test_a_run_that_fails_has_its_curves_unless_told_to_stop_at_once(tmp_path, corpus, monkeypatch, failure, curves):
+    """A non-finite loss stops the run with an error: its curves show what led there. A second Ctrl-C
+    (a KeyboardInterrupt through the loop) means out at once: no plot."""
+    real_loss, calls = gpt.tasks.next_token_loss, {"n": 0}
+
+    def loss_that_fails(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 3 and failure is KeyboardInterrupt:
+            raise KeyboardInterrupt
+        return real_loss(model, batch) * (failure if calls["n"] == 3 else 1.0)
+
+    monkeypatch.setattr(gpt.tasks, "next_token_loss", loss_that_fails)
+    with pytest.raises(TrainingStopped if curves else KeyboardInterrupt):
+        run(tmp_path, corpus)
+    assert [r["step"] for r in records(tmp_path, "train")] == [1, 2]
+    assert (tmp_path / "curves.png").is_file() == curves
 
 
 def test_without_matplotlib_a_run_ends_normally_without_curves(tmp_path, corpus, monkeypatch, capsys):
