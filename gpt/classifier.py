@@ -23,6 +23,13 @@ are in place, and for two classes the decision threshold tuned on validation.
 
     python -m gpt classify --checkpoint runs/classifier-... "WINNER!! Claim your prize now"
     python -m gpt classify --checkpoint runs/classifier-... --file messages.txt
+    python -m gpt classify --checkpoint runs/a --checkpoint runs/b --eval test.tsv
+
+With the checkpoint given two or more times it classifies with an ensemble: the mean of
+the models' class probabilities (`ensemble_probabilities`; the models must have the same
+labels in the same order, and may read the texts with different tokenizers). `--eval`
+scores labelled texts: accuracy, macro F1 and per-class F1 (and each member's, for an
+ensemble).
 """
 
 from __future__ import annotations
@@ -46,8 +53,9 @@ from tqdm.auto import tqdm
 from . import cli_args
 from .checkpoint import load_checkpoint, load_model_state, resolve_checkpoint_path
 from .config import ModelConfig, Section, check_choice
-from .data import ClassificationDataset, iterate_classification_eval
+from .data import ClassificationDataset, iterate_classification_eval, read_labeled_texts
 from .errors import ConfigError, UserError
+from .evaluate.classification import classification_report
 from .files import json_lines
 from .lora import apply_lora, merge_lora
 from .quantize import parse_scheme, quantize_model
@@ -285,12 +293,17 @@ def classify_texts(model: GPTClassifier, tokenizer: Tokenizer, texts: Sequence[s
     return result
 
 
-def parse_threshold(text: str | None, info: dict[str, Any]) -> float | None:
-    """--threshold: None (the most likely class), "tuned" (the checkpoint's), or a number in [0, 1]."""
+def parse_threshold(text: str | None, info: dict[str, Any], ensemble: bool = False) -> float | None:
+    """--threshold: None (the most likely class), "tuned" (the checkpoint's; not for an ensemble), or a number
+    in [0, 1]."""
     if text is None:
         return None
     if len(info["labels"]) != 2:
         raise UserError(f"--threshold needs a two-class model; this one has {len(info['labels'])} classes")
+    if text == "tuned" and ensemble:
+        raise UserError("--threshold tuned: each checkpoint's threshold was tuned on its own model's probabilities "
+                        "and does not carry over to the ensemble's mean; give a number (e.g. 0.5) or leave "
+                        "--threshold out for the most likely class")
     if text == "tuned":
         if info.get("threshold") is None:
             raise UserError("--threshold tuned: this checkpoint holds no tuned threshold (only final.pt does)")
@@ -304,21 +317,80 @@ def parse_threshold(text: str | None, info: dict[str, Any]) -> float | None:
     return threshold
 
 
+@dataclass
+class Member:
+    """One classifier of those `classify` loads: where it came from, the model, its checkpoint's
+    "classifier" entry and its tokenizer."""
+
+    source: str
+    model: GPTClassifier
+    info: dict[str, Any]
+    tokenizer: Tokenizer
+
+
+def load_members(sources: Sequence[str], device: torch.device | str) -> list[Member]:
+    """The classifiers of `sources`, which must have the same labels in the same order (a UserError naming
+    the first that differs, and both label lists, stops the loading there)."""
+    members: list[Member] = []
+    for source in sources:
+        model, info, tokenizer_name = load_classifier(source, device)
+        if members and info["labels"] != members[0].info["labels"]:
+            raise UserError(f"an ensemble needs the same labels in the same order: {members[0].source} has "
+                            f"{members[0].info['labels']} but {source} has {info['labels']}")
+        members.append(Member(source, model, info, get_tokenizer(tokenizer_name)))
+    return members
+
+
+def ensemble_probabilities(members: Sequence[Member], texts: Sequence[str],
+                           batch_size: int = 32) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The mean of the members' class probabilities (N, C), and each member's own (N, C); each member reads
+    the texts with its own tokenizer, cut to its own max_length."""
+    own = [classify_texts(m.model, m.tokenizer, texts, m.info["pad_id"], batch_size) for m in members]
+    return np.mean(own, axis=0), own
+
+
+def read_labelled(path: Path, labels: Sequence[str]) -> tuple[list[str], np.ndarray]:
+    """Texts and their class ids (N,) from a TSV, CSV or JSONL file read as finetune_classifier.py reads
+    data.path (default columns); a label the model does not have names its file and line."""
+    index = {label: i for i, label in enumerate(labels)}
+    examples = read_labeled_texts(path)
+    for example in examples:
+        if example.label not in index:
+            raise UserError(f"{example.source}: label {example.label!r} is not one of the model's labels "
+                            f"({', '.join(labels)})")
+    return [e.text for e in examples], np.array([index[e.label] for e in examples], dtype=np.int64)
+
+
+def labelled_scores(true: np.ndarray, probabilities: np.ndarray, labels: list[str],
+                    threshold: float | None) -> dict[str, Any]:
+    """`classification_report` of the decisions `decide(probabilities, threshold)`, with ROC AUC for two classes."""
+    return classification_report(true, decide(probabilities, threshold), labels,
+                                 y_score=probabilities[:, 1] if len(labels) == 2 else None)
+
+
 def classify_cli(argv: list[str]) -> int:
-    """`python -m gpt classify --checkpoint RUN TEXT... | --file FILE`: labels with probabilities."""
+    """`python -m gpt classify --checkpoint RUN [--checkpoint RUN ...] TEXT... | --file FILE | --eval FILE`:
+    labels with probabilities, or the scores on labelled texts."""
     parser = argparse.ArgumentParser(
         prog="python -m gpt classify",
         description="Classify texts with a model trained by finetune_classifier.py. Prints, for each text, the "
-                    "predicted label (the most likely class), the probability of every class, and the text.",
+                    "predicted label (the most likely class), the probability of every class, and the text; "
+                    "with --eval, the scores on labelled texts instead. With the checkpoint given two or more "
+                    "times, an ensemble: the mean of the models' class probabilities.",
     )
-    parser.add_argument("--checkpoint", required=True,
-                        help="a run folder of finetune_classifier.py, or a checkpoint file")
+    parser.add_argument("--checkpoint", "--model", dest="checkpoints", action="append", metavar="RUN",
+                        help="a run folder of finetune_classifier.py, or a checkpoint file; give it two or more "
+                             "times for an ensemble (the models must have the same labels in the same order)")
     parser.add_argument("texts", nargs="*", help="texts to classify")
     parser.add_argument("--file", type=cli_args.existing_file,
                         help="more texts: one per line, or a .jsonl file with a \"text\" field")
+    parser.add_argument("--eval", type=cli_args.existing_file, metavar="FILE",
+                        help="labelled texts, TSV, CSV or JSONL as finetune_classifier.py reads data.path: print "
+                             "accuracy, macro F1, per-class precision/recall/F1 and ROC AUC (two classes) as JSON, "
+                             "for an ensemble each member's too")
     parser.add_argument("--threshold", default=None,
                         help="two classes: predict the second label when its probability is at least this number, "
-                             "or 'tuned' for the threshold tuned on validation (saved with the model)")
+                             "or 'tuned' for the threshold tuned on validation (saved with the model; one model only)")
     parser.add_argument("--json", action="store_true", help="one JSON object per text instead of aligned columns")
     parser.add_argument("--batch-size", type=cli_args.positive_int, default=32,
                         help="texts per forward pass (default: %(default)s)")
@@ -327,21 +399,37 @@ def classify_cli(argv: list[str]) -> int:
                         help="quantize the body's projections as the model loads: int8, int4 or int4:G "
                              "(the class head stays float)")
     args = parser.parse_args(argv)
+    if not args.checkpoints:
+        parser.error("give the classifier: --checkpoint RUN (two or more for an ensemble)")
+    if args.eval and (args.texts or args.file):
+        parser.error("--eval scores a labelled file; give it alone, without texts or --file")
     scheme = parse_scheme(args.quantize) if args.quantize else None
     texts = [text.strip() for text in args.texts] + (read_texts(args.file) if args.file else [])
-    if not texts:
-        parser.error("give texts to classify, or --file FILE")
+    if not texts and not args.eval:
+        parser.error("give texts to classify, --file FILE, or --eval FILE (labelled texts)")
     if any(not text for text in texts):
         raise UserError("a text to classify is empty")
 
-    model, info, tokenizer_name = load_classifier(args.checkpoint, pick_device(args.device, "--device"))
-    if scheme is not None:
-        quantize_model(model.gpt, scheme, include_head=False)
-    labels = info["labels"]
-    threshold = parse_threshold(args.threshold, info)
+    members = load_members(args.checkpoints, pick_device(args.device, "--device"))
+    for member in members if scheme is not None else []:
+        quantize_model(member.model.gpt, scheme, include_head=False)
+    labels = members[0].info["labels"]
+    threshold = parse_threshold(args.threshold, members[0].info, ensemble=len(members) > 1)
+    if len(members) > 1:
+        print(f"[ensemble of {len(members)} classifiers: the mean of their class probabilities]", file=sys.stderr)
     if threshold is not None:
         print(f"[{labels[1]!r} when its probability is at least {threshold:.4f}]", file=sys.stderr)
-    probabilities = classify_texts(model, get_tokenizer(tokenizer_name), texts, info["pad_id"], args.batch_size)
+    if args.eval:
+        texts, true = read_labelled(args.eval, labels)
+    probabilities, own = ensemble_probabilities(members, texts, args.batch_size)
+    if args.eval:
+        report = {"file": str(args.eval), "examples": len(texts), "models": args.checkpoints, "threshold": threshold,
+                  **labelled_scores(true, probabilities, labels, threshold)}
+        if len(members) > 1:
+            report["members"] = [{"model": member.source, **labelled_scores(true, probs, labels, threshold)}
+                                 for member, probs in zip(members, own)]
+        print(json.dumps(report, indent=2))
+        return 0
     predicted = decide(probabilities, threshold)
     width = max(len(label) for label in labels)
     for text, row, label_id in zip(texts, probabilities, predicted):

@@ -4,7 +4,8 @@ Each verb is a function `name_cli(argv) -> exit code`, dispatched from `python -
 Every verb takes a model the same way (`add_model_arguments`): `--model` with a known
 name (fetched on first use), a GGUF file, a Hugging Face folder, one of our checkpoints
 or run folders; `--checkpoint` as a synonym for the last; or `--preset` for a random-init
-model (a smoke test).
+model (a smoke test). generate and evaluate take `--model` two or more times for an
+ensemble (`gpt.ensemble`): the mean of the models' next-token probabilities.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from .evaluate import mmlu, text_metrics
 from .evaluate.instruction import reference_scores
 from .evaluate.multiple_choice import MultipleChoiceItem, multiple_choice_metrics, score_items
 from .evaluate.task_report import write_task_report
+from .ensemble import Ensemble, check_shared_tokenizer
 from .fetch import cached_path
 from .few_shot import FewShotPrompts, read_examples
 from .files import json_lines, write_text
@@ -40,11 +42,16 @@ from .weights import load_model_and_tokenizer
 # ----------------------------------------------------------------------------
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, quantize: bool = True) -> None:
+def add_model_arguments(parser: argparse.ArgumentParser, quantize: bool = True, ensemble: bool = False) -> None:
+    """--model / --checkpoint / --preset, --device, --seed and (with `quantize`) --quantize. With `ensemble`,
+    --model and --checkpoint may repeat: each is then a list of sources (`model_sources`)."""
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", help="known name (e.g. smollm2-135m-instruct), .gguf file, Hugging Face folder, "
-                                        "or a checkpoint / run folder of ours")
-    source.add_argument("--checkpoint", help="a checkpoint file or run folder written by our scripts")
+    repeat = {"action": "append"} if ensemble else {}
+    more = ("; give it two or more times for an ensemble: the mean of the models' next-token probabilities "
+            "(they must share a tokenizer)") if ensemble else ""
+    source.add_argument("--model", **repeat, help="known name (e.g. smollm2-135m-instruct), .gguf file, Hugging Face "
+                                                  "folder, or a checkpoint / run folder of ours" + more)
+    source.add_argument("--checkpoint", **repeat, help="a checkpoint file or run folder written by our scripts" + more)
     source.add_argument("--preset", help="a random-init model of this preset (tiny, gpt2-124m, ...): a smoke test")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default: %(default)s)")
     parser.add_argument("--seed", type=cli_args.seed, default=0, help="random seed (default: %(default)s)")
@@ -54,18 +61,47 @@ def add_model_arguments(parser: argparse.ArgumentParser, quantize: bool = True) 
                                  "256 inputs per scale); `python -m gpt quantize` saves a quantized model instead")
 
 
-def model_from_args(args: argparse.Namespace) -> tuple[GPT, Tokenizer]:
-    """The model named by --model / --checkpoint / --preset, on the requested device, in eval mode.
+def model_sources(args: argparse.Namespace) -> list[str]:
+    """What --model / --checkpoint / --preset name: one source, or several where the option repeats."""
+    named = args.preset or args.model or args.checkpoint
+    return named if isinstance(named, list) else [named]
+
+
+def model_from_args(args: argparse.Namespace) -> tuple[GPT | Ensemble, Tokenizer]:
+    """The model named by --model / --checkpoint / --preset, on the requested device, in eval mode; an `Ensemble`
+    of them when --model (or --checkpoint) names two or more, which must share a tokenizer.
     The device is checked first, so a machine without it costs no model loading."""
     device = pick_device(args.device, "--device")
     scheme = parse_scheme(args.quantize) if getattr(args, "quantize", None) else None  # a bad scheme stops before any loading
-    loaded = load_model_and_tokenizer(args.preset or args.model or args.checkpoint, seed=args.seed)
-    if args.preset:
-        print(f"[random-init {args.preset}: {loaded.model.num_parameters():,} parameters; expect gibberish]",
-              file=sys.stderr)
-    if scheme is not None:
-        quantize_model(loaded.model, scheme)
-    return loaded.model.to(device).eval(), loaded.tokenizer
+    sources = model_sources(args)
+    models, tokenizers = [], []
+    for source in sources:
+        loaded = load_model_and_tokenizer(source, seed=args.seed)
+        if tokenizers:  # another tokenizer stops the loading at the first model that has it
+            check_shared_tokenizer([sources[0], source], [tokenizers[0], loaded.tokenizer])
+        if args.preset:
+            print(f"[random-init {args.preset}: {loaded.model.num_parameters():,} parameters; expect gibberish]",
+                  file=sys.stderr)
+        if scheme is not None:
+            quantize_model(loaded.model, scheme)
+        models.append(loaded.model.to(device).eval())
+        tokenizers.append(loaded.tokenizer)
+    if len(models) == 1:
+        return models[0], tokenizers[0]
+    ensemble = Ensemble(models, sources, tokenizers[0])
+    print(f"[ensemble of {len(models)} models: the mean of their next-token probabilities; context "
+          f"{ensemble.context_length} tokens, the smallest member's]", file=sys.stderr)
+    return ensemble, tokenizers[0]
+
+
+def context_length_of(model: GPT | Ensemble) -> int:
+    """The longest sequence `model` takes (an ensemble's: its smallest member's)."""
+    return model.context_length if isinstance(model, Ensemble) else model.config.context_length
+
+
+def device_of(model: GPT | Ensemble) -> torch.device:
+    """Where `model`'s weights are."""
+    return model.device if isinstance(model, Ensemble) else model.tok_emb.weight.device
 
 
 def fit_prompt(ids: list[int], max_new_tokens: int, context_length: int) -> list[int]:
@@ -89,14 +125,17 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, temperature: float) 
                         help="nucleus sampling mass in (0, 1], e.g. 0.9")
 
 
-def stream_reply(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], args: argparse.Namespace,
+def stream_reply(model: GPT | Ensemble, tokenizer: Tokenizer, prompt_ids: list[int], args: argparse.Namespace,
                  generator: torch.Generator) -> tuple[str, int]:
     """Generate after `prompt_ids`, printing text as it comes; returns the text and the token count.
     Ctrl-C stops the reply early and keeps what was printed."""
     decoder, pieces, count = tokenizer.stream_decoder(), [], 0
+    sampling = (args.max_new_tokens, args.temperature, args.top_k or None, args.top_p)
+    tokens = (model.stream_tokens([prompt_ids], *sampling, eos_id=tokenizer.eot_id, generator=generator)
+              if isinstance(model, Ensemble) else
+              stream_tokens(model, [prompt_ids], *sampling, eos_id=tokenizer.eot_id, generator=generator))
     try:
-        for token in stream_tokens(model, [prompt_ids], args.max_new_tokens, args.temperature, args.top_k or None,
-                                   args.top_p, eos_id=tokenizer.eot_id, generator=generator):
+        for token in tokens:
             token_id = int(token[0])
             count += 1
             if token_id == tokenizer.eot_id:
@@ -136,9 +175,11 @@ def few_shot_prompts(args: argparse.Namespace) -> FewShotPrompts | None:
 def generate_cli(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m gpt generate",
-        description="Continue a prompt with a model and stream the text to the terminal.",
+        description="Continue a prompt with a model and stream the text to the terminal. With --model given two "
+                    "or more times, an ensemble: tokens come from the mean of the models' next-token probabilities "
+                    "(--temperature, --top-k and --top-p apply to that mean).",
     )
-    add_model_arguments(parser)
+    add_model_arguments(parser, ensemble=True)
     parser.add_argument("--prompt", type=cli_args.non_empty_text, default="The",
                         help="text to continue (default: %(default)r)")
     add_sampling_arguments(parser, temperature=0.8)
@@ -155,8 +196,8 @@ def generate_cli(argv: list[str]) -> int:
         text, used = few_shot.build(args.prompt)
         print(f"[few-shot examples: line(s) {[e.line for e in used]} of {args.few_shot}]", file=sys.stderr)
     model, tokenizer = model_from_args(args)
-    prompt_ids = fit_prompt(tokenizer.encode(text), args.max_new_tokens, model.config.context_length)
-    generator = torch.Generator(device=model.tok_emb.weight.device).manual_seed(args.seed)
+    prompt_ids = fit_prompt(tokenizer.encode(text), args.max_new_tokens, context_length_of(model))
+    generator = torch.Generator(device=device_of(model)).manual_seed(args.seed)
     sys.stdout.write(text)
     start = time.perf_counter()
     _, count = stream_reply(model, tokenizer, prompt_ids, args, generator)
@@ -251,9 +292,11 @@ def evaluate_cli(argv: list[str]) -> int:
         prog="python -m gpt evaluate",
         description="The batch test before training: loss, perplexity and bits per byte of a model on a text "
                     "file (sliding windows), responses to a JSONL file of prompts, and/or a multiple-choice task "
-                    "scored by log-likelihood as lm-evaluation-harness scores it (MMLU, or any set of items).",
+                    "scored by log-likelihood as lm-evaluation-harness scores it (MMLU, or any set of items). "
+                    "With --model given two or more times, --text and --prompts measure an ensemble: the mean of the "
+                    "models' next-token probabilities (--text adds each model's own figures).",
     )
-    add_model_arguments(parser)
+    add_model_arguments(parser, ensemble=True)
     parser.add_argument("--text", type=cli_args.existing_file, help="a UTF-8 text file to measure loss, "
                                                                       "perplexity and bits per byte on")
     parser.add_argument("--window", type=cli_args.int_at_least(2), default=None,
@@ -302,6 +345,9 @@ def evaluate_cli(argv: list[str]) -> int:
     inputs = [path for path in (args.text, args.prompts, args.data) if path]
     if (args.prompts or args.task) and any(args.out.resolve() == path.resolve() for path in inputs):
         parser.error(f"--out {args.out} is an input file; the responses would overwrite it")
+    if args.task and len(model_sources(args)) > 1:
+        parser.error(f"--task scores one model; an ensemble ({len(model_sources(args))} models) is not supported "
+                     "there yet (--text and --prompts take one)")
 
     few_shot = few_shot_prompts(args)
     model, tokenizer = model_from_args(args)
@@ -310,7 +356,7 @@ def evaluate_cli(argv: list[str]) -> int:
             text = args.text.read_text(encoding="utf-8-sig")
         except (OSError, UnicodeDecodeError) as err:
             raise UserError(f"{args.text}: cannot read the text ({err})") from None
-        context = model.config.context_length
+        context = context_length_of(model)
         if args.window and args.window > context:
             raise UserError(f"--window {args.window} exceeds the model's context length ({context})")
         window = args.window or min(context, 1024)
@@ -319,11 +365,14 @@ def evaluate_cli(argv: list[str]) -> int:
             raise UserError(f"--stride {stride} exceeds the window ({window} tokens): the tokens between windows "
                             "would never be scored")
         start = time.perf_counter()
-        metrics = text_metrics(model, tokenizer, text, window, stride, args.batch_size)
-        print(json.dumps({"file": str(args.text), **metrics, "loss": round(metrics["loss"], 4),
-                          "perplexity": round(metrics["perplexity"], 3),
-                          "bits_per_byte": round(metrics["bits_per_byte"], 4), "window": window, "stride": stride,
-                          "seconds": round(time.perf_counter() - start, 1)}))
+        if isinstance(model, Ensemble):
+            metrics = model.text_metrics(text, window, stride, args.batch_size)
+            members = {"members": [{"model": member.pop("model"), **rounded_figures(member)}
+                                   for member in metrics.pop("members")]}
+        else:
+            metrics, members = text_metrics(model, tokenizer, text, window, stride, args.batch_size), {}
+        print(json.dumps({"file": str(args.text), **metrics, **rounded_figures(metrics), "window": window,
+                          "stride": stride, "seconds": round(time.perf_counter() - start, 1), **members}))
     if args.prompts:
         records = read_prompts(args.prompts)
         use_chat = args.template == "chat" or (args.template == "auto" and tokenizer.chat_template is not None)
@@ -339,11 +388,13 @@ def evaluate_cli(argv: list[str]) -> int:
             messages = record.get("messages") or [{"role": "user", "content": prompt}]
             texts.append(chat_prompt(messages, tokenizer) if use_chat or "messages" in record else prompt)
         prompt_ids = [fit_prompt(tokenizer.encode(t, allowed_special="all"), args.max_new_tokens,
-                                 model.config.context_length) for t in texts]
+                                 context_length_of(model)) for t in texts]
         responses = []
         for first in tqdm(range(0, len(records), args.batch_size), desc="prompts", dynamic_ncols=True):
             batch = prompt_ids[first:first + args.batch_size]
-            outputs = generate(model, batch, args.max_new_tokens, temperature=0.0, eos_id=tokenizer.eot_id)
+            outputs = (model.generate(batch, args.max_new_tokens, eos_id=tokenizer.eot_id)
+                       if isinstance(model, Ensemble) else
+                       generate(model, batch, args.max_new_tokens, temperature=0.0, eos_id=tokenizer.eot_id))
             for prompt, output in zip(batch, outputs):
                 responses.append(tokenizer.decode([t for t in output[len(prompt):] if t != tokenizer.eot_id]))
         if few_shot is not None:  # the answer ends where the model would start another example
@@ -358,6 +409,12 @@ def evaluate_cli(argv: list[str]) -> int:
     if args.task:
         evaluate_task(model, tokenizer, args)
     return 0
+
+
+def rounded_figures(metrics: dict) -> dict:
+    """Loss, perplexity and bits per byte rounded as evaluate --text prints them."""
+    return {"loss": round(metrics["loss"], 4), "perplexity": round(metrics["perplexity"], 3),
+            "bits_per_byte": round(metrics["bits_per_byte"], 4)}
 
 
 def evaluate_task(model: GPT, tokenizer: Tokenizer, args: argparse.Namespace) -> None:
@@ -375,7 +432,7 @@ def evaluate_task(model: GPT, tokenizer: Tokenizer, args: argparse.Namespace) ->
         items, examples = read_multiple_choice(args.data)[:args.limit], None
     with tqdm(total=len(items), desc=args.task, unit="item", dynamic_ncols=True) as progress:
         scored = score_items(model, tokenizer, items, args.batch_size, progress.update)
-    summary = {"task": args.task, "model": args.model or args.checkpoint or args.preset, "items": len(items),
+    summary = {"task": args.task, "model": model_sources(args)[0], "items": len(items),
                **multiple_choice_metrics(scored), "seconds": round(time.perf_counter() - start, 1)}
     if args.task == "mmlu":
         summary |= {"format": args.format, "shots": args.shots, "seed": args.seed,

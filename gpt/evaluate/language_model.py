@@ -14,7 +14,7 @@ divided by the UTF-8 bytes those tokens stand for, so models with different toke
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -51,20 +51,24 @@ def language_model_metrics(
     return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": total_tokens}
 
 
-@torch.no_grad()
-def sliding_window_loss(model: GPT, ids: list[int], window: int, stride: int, batch_size: int = 4) -> tuple[float, int]:
-    """Mean next-token loss over a long token list, scoring every token once with up to `window` tokens of context.
+def sliding_window_batches(ids: list[int], window: int, stride: int,
+                           batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The windows over a long token list, `batch_size` at a time: (inputs, targets), each (B, window) on the CPU.
 
-    Window k covers ids[k*stride : k*stride + window]; it scores only the targets that earlier
-    windows did not, so each token after the first is predicted exactly once.
+    Window k covers ids[k*stride : k*stride + window]; it scores (target not -100) only the targets that
+    earlier windows did not, so each token after the first is predicted exactly once. The last window
+    is padded: inputs with 0, targets with -100. Fewer than 2 ids are a UserError, raised here, before any batch.
     """
     if len(ids) < 2:
         raise UserError(f"the text has {len(ids)} token(s); at least 2 are needed to measure a loss")
-    device = model.tok_emb.weight.device
+    return _window_batches(ids, window, stride, batch_size)
+
+
+def _window_batches(ids: list[int], window: int, stride: int,
+                    batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     starts = list(range(0, max(len(ids) - window, 0) + stride, stride))
     starts = [s for s in starts if s < len(ids) - 1]
-    total_loss, total_tokens, scored_until = 0.0, 0, 0  # scored_until: targets ids[1 .. scored_until] are done
-    progress = tqdm(total=len(ids) - 1, desc="evaluate", unit="tok", dynamic_ncols=True)
+    scored_until = 0  # targets ids[1 .. scored_until] are done
     for first in range(0, len(starts), batch_size):
         inputs, targets = [], []
         for start in starts[first:first + batch_size]:
@@ -76,8 +80,19 @@ def sliding_window_loss(model: GPT, ids: list[int], window: int, stride: int, ba
             pad = window - (len(chunk) - 1)
             inputs.append(chunk[:-1] + [0] * pad)
             targets.append(target + [-100] * pad)
-        x = torch.tensor(inputs, device=device)
-        y = torch.tensor(targets, device=device)
+        yield torch.tensor(inputs), torch.tensor(targets)
+
+
+@torch.no_grad()
+def sliding_window_loss(model: GPT, ids: list[int], window: int, stride: int, batch_size: int = 4) -> tuple[float, int]:
+    """Mean next-token loss over a long token list, scoring every token once with up to `window` tokens of context
+    (the windows of `sliding_window_batches`). Returns the loss and the number of tokens scored."""
+    device = model.tok_emb.weight.device
+    batches = sliding_window_batches(ids, window, stride, batch_size)
+    total_loss, total_tokens = 0.0, 0
+    progress = tqdm(total=len(ids) - 1, desc="evaluate", unit="tok", dynamic_ncols=True)
+    for x, y in batches:
+        x, y = x.to(device), y.to(device)
         counted = int((y != -100).sum())
         total_loss += model(x, targets=y).item() * counted  # the model's own loss: no (B, window, V) logits
         total_tokens += counted
@@ -88,7 +103,15 @@ def sliding_window_loss(model: GPT, ids: list[int], window: int, stride: int, ba
 
 def text_metrics(model: GPT, tokenizer: Tokenizer, text: str, window: int, stride: int,
                  batch_size: int = 4) -> dict[str, float]:
-    """Loss, perplexity and bits per byte of `text` under `model`, by `sliding_window_loss`.
+    """Loss, perplexity and bits per byte of `text` under `model`, by `sliding_window_loss` (see `loss_figures`)."""
+    ids = tokenizer.encode(text)
+    loss, scored = sliding_window_loss(model, ids, window, stride, batch_size)
+    return loss_figures(tokenizer, ids, loss, scored)
+
+
+def loss_figures(tokenizer: Tokenizer, ids: list[int], loss: float, scored: int) -> dict[str, float]:
+    """Token counts, loss, perplexity and bits per byte of a text's `ids` whose `scored` predicted tokens
+    (every one but the first) have mean loss `loss`.
 
     The first token has no context and is not predicted, so its bytes do not count:
     bits_per_byte = sum of the predicted tokens' losses (nats) / (ln 2 * their bytes),
@@ -96,8 +119,6 @@ def text_metrics(model: GPT, tokenizer: Tokenizer, text: str, window: int, strid
     inside a character. Leaving that one token out moves the figure by about one part
     in the text's token count, whatever the tokenizer.
     """
-    ids = tokenizer.encode(text)
-    loss, scored = sliding_window_loss(model, ids, window, stride, batch_size)
     scored_bytes = len(tokenizer.decode_bytes(ids[1:]))
     return {"tokens": len(ids), "scored_tokens": scored, "scored_bytes": scored_bytes, "loss": loss,
             "perplexity": math.exp(min(loss, 50.0)), "bits_per_byte": loss * scored / (math.log(2) * scored_bytes)}
