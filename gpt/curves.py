@@ -4,8 +4,9 @@
     evaluations(records)                                # the "val" records, each with its tokens_seen
     plot_run_curves(run_dir)                            # run_dir/curves.png; None without matplotlib
 
-The training loop calls `plot_run_curves` when a run ends, however it ends (finished,
-stopped early, interrupted by a signal, stopped by a non-finite loss). curves.png has
+The training loop calls `plot_run_curves` when a run ends (finished, stopped early,
+interrupted by a signal, stopped by a non-finite loss; not after a second Ctrl-C, which
+asks to be out at once). curves.png has
 three panels: training and validation loss against optimizer steps, the same against
 tokens seen, and the learning rate against steps. Non-finite losses (a diverged run)
 are left out of the plot. matplotlib is imported only here, when a plot is drawn; without
