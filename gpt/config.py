@@ -110,47 +110,61 @@ def check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
 
 
 class Section:
-    """Base for config sections: type checking on construction, dict round trip."""
+    """Base for config sections: type checking on construction, dict round trip.
+
+    A field is known by its name, or by the `key` of its metadata where the name cannot be
+    the key: `from_ = field(metadata={"key": "from"})` is `from` in TOML, JSON and on the
+    command line (`--init.from`), `from` being a word Python keeps for itself.
+    """
 
     section_name: typing.ClassVar[str] = ""
 
+    @classmethod
+    def fields_by_key(cls) -> dict[str, dataclasses.Field]:
+        """Each field under the key config files and the command line use for it."""
+        return {f.metadata.get("key", f.name): f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+
     def _check_types(self) -> None:
         hints = typing.get_type_hints(type(self))
-        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+        for key, f in self.fields_by_key().items():
             value = getattr(self, f.name)
-            object.__setattr__(self, f.name, _coerce(self.section_name, f.name, value, hints[f.name]))
+            object.__setattr__(self, f.name, _coerce(self.section_name, key, value, hints[f.name]))
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> Section:
         """Build from a dict (TOML table, JSON object); unknown keys are errors naming the key."""
-        for key in values:
-            cls.check_field_name(key)
-        return cls(**values)
+        return cls(**{cls.check_field_name(key).name: value for key, value in values.items()})
 
     @classmethod
-    def check_field_name(cls, key: str) -> None:
-        known = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
-        if key not in known:
-            raise ConfigError(f"{cls.section_name}.{key}: unknown field; known fields: {', '.join(known)}")
+    def check_field_name(cls, key: str) -> dataclasses.Field:
+        """The field `key` names; an unknown key is a ConfigError listing the known ones."""
+        fields = cls.fields_by_key()
+        if key not in fields:
+            raise ConfigError(f"{cls.section_name}.{key}: unknown field; known fields: {', '.join(fields)}")
+        return fields[key]
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)  # type: ignore[call-overload]
+        return {key: getattr(self, f.name) for key, f in self.fields_by_key().items()}
 
     @classmethod
     def field_help(cls) -> list[str]:
-        """One line per field for `--help`: name, type, default and the field's description."""
+        """One line per field for `--help`: key, type, default and the field's description."""
         hints = typing.get_type_hints(cls)
         lines = []
-        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        for key, f in cls.fields_by_key().items():
             default = f.default if f.default is not dataclasses.MISSING else None
             type_name = getattr(hints[f.name], "__name__", str(hints[f.name]))
-            lines.append(f"  --{cls.section_name}.{f.name} {type_name} (default {default!r})  {f.metadata.get('help', '')}")
+            lines.append(f"  --{cls.section_name}.{key} {type_name} (default {default!r})  {f.metadata.get('help', '')}")
         return lines
 
 
 # ----------------------------------------------------------------------------
 # The model
 # ----------------------------------------------------------------------------
+
+
+# ModelConfig fields that choose how the model computes or trains, not what it is: the same weights fit any value.
+IMPLEMENTATION_FIELDS = ("dropout", "attn_impl", "loss_impl")
 
 
 @dataclass
@@ -209,6 +223,12 @@ class ModelConfig(Section):
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_head
+
+    def architecture_differences(self, other: ModelConfig) -> list[str]:
+        """"n_layer 4 vs 2" for each field of the architecture where `other` differs from this config;
+        how the model computes or trains (IMPLEMENTATION_FIELDS) does not count."""
+        return [f"{key} {value} vs {getattr(other, key)}" for key, value in self.to_dict().items()
+                if key not in IMPLEMENTATION_FIELDS and value != getattr(other, key)]
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> ModelConfig:
@@ -309,14 +329,43 @@ class DataConfig(Section):
 
     path: str = field(default="data/botchan.txt", metadata={"help": ".txt file, folder, .jsonl, or a prepared token folder"})
     val_fraction: float = field(default=0.1, metadata={"help": "share of documents (or tail of a single one) for validation"})
-    stride: int = field(default=0, metadata={"help": "step between training windows; 0 = context_length"})
+    stride: int = field(default=0, metadata={"help": "step between training windows; 0 = the window"})
+    window: int = field(default=0, metadata={"help": "tokens per training and validation window; 0 = the model's "
+                                                     "context length, at most 1024"})
+    train_tokens: int = field(default=0, metadata={"help": "train on the first N tokens of the training split only "
+                                                           "(validation unchanged); 0 = all"})
 
     def __post_init__(self) -> None:
         self._check_types()
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction: must be in (0, 1), got {self.val_fraction}")
-        if self.stride < 0:
-            raise ConfigError(f"data.stride: must not be negative, got {self.stride}")
+        for name in ("stride", "window", "train_tokens"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"data.{name}: must not be negative, got {getattr(self, name)}")
+
+    def window_for(self, context_length: int) -> int:
+        """The window length for a model of `context_length`: data.window, or that length capped at 1024."""
+        if self.window > context_length:
+            raise ConfigError(f"data.window: {self.window} exceeds the model's context length ({context_length})")
+        return self.window or min(context_length, 1024)
+
+
+@dataclass
+class InitConfig(Section):
+    """Where a pretraining run's model comes from: from scratch ([model]), or a trained model it continues."""
+
+    section_name: typing.ClassVar[str] = "init"
+
+    from_: str = field(default="", metadata={
+        "key": "from", "help": "continue training this model (known name, .gguf, Hugging Face folder, checkpoint or "
+                               "run folder), with its own architecture and tokenizer; empty = from scratch"})
+    grow: str = field(default="", metadata={"help": "grow that model first, function-preserving: e.g. "
+                                                    "n_layer=8,d_model=256 (needs init.from)"})
+
+    def __post_init__(self) -> None:
+        self._check_types()
+        if self.grow and not self.from_:
+            raise ConfigError(f"init.grow: {self.grow!r} grows a trained model; give it with init.from")
 
 
 @dataclass
@@ -418,8 +467,7 @@ def build_config(
         section_overrides = dict(overrides.get(name, {}))
         preset = section_overrides.pop("preset", table.pop("preset", None)) if cls is ModelConfig else None
         for key, text in section_overrides.items():
-            cls.check_field_name(key)
-            table[key] = _parse_cli_value(name, key, text, hints[key])
+            table[key] = _parse_cli_value(name, key, text, hints[cls.check_field_name(key).name])
         resolved[name] = ModelConfig.preset(preset, **table) if preset is not None else cls.from_dict(table)
     return resolved
 

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from .checkpoint import load_checkpoint
-from .errors import UserError
+from .config import ModelConfig
+from .errors import ConfigError, UserError
 
 
 def find_resume_checkpoint(resume: str, out_dir: Path) -> Path | None:
@@ -62,6 +63,23 @@ def load_resume_checkpoint(resume: str, out_dir: Path) -> tuple[dict[str, Any], 
         print(f"[{damaged}; resuming from {best} (step {state['step']}) instead; the next checkpoint replaces "
               f"{path.name}]", file=sys.stderr)
         return state, best
+
+
+def check_same_model(state: dict[str, Any], path: Path, config: ModelConfig, tokenizer: str) -> None:
+    """A checkpoint holding another architecture (ModelConfig) or tokenizer than the resuming run's is a
+    UserError naming both; how the model computes (attention or loss kernel, dropout) may differ."""
+    try:
+        saved = ModelConfig.from_dict(state["model_config"])
+    except (ConfigError, KeyError) as err:
+        raise UserError(f"{path}: bad model_config: {err}") from None
+    saved_tokenizer = state.get("tokenizer", "gpt2")
+    differences = saved.architecture_differences(config)
+    if saved_tokenizer != tokenizer:
+        differences.append(f"tokenizer {saved_tokenizer!r} vs {tokenizer!r}")
+    if differences:
+        raise UserError(f"train.resume: {path} holds another model than this run (checkpoint vs this run: "
+                        f"{'; '.join(differences)}); resume with the model it was trained from, or start a new "
+                        "run in another train.out_dir")
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:

@@ -36,8 +36,10 @@ from .runtime import Runtime
 from .train import TrainTask
 
 
-def pretrain_task(model: GPT, train_set: Any, val_set: Any, cfg: TrainConfig, runtime: Runtime) -> TrainTask:
-    """Next-token prediction on windows (`SlidingWindowDataset` or `TokenFileDataset`), GPT-2's tokenizer."""
+def pretrain_task(model: GPT, train_set: Any, val_set: Any, cfg: TrainConfig, runtime: Runtime,
+                  tokenizer: str = "gpt2") -> TrainTask:
+    """Next-token prediction on windows (`SlidingWindowDataset` or `TokenFileDataset`) of tokens from the
+    tokenizer named `tokenizer` (what the checkpoints record); windows may be shorter than the model's context."""
     return TrainTask(
         model=model,
         train_batches=BatchLoader(train_set, cfg.batch_size, shuffle=True, seed=cfg.seed, rank=runtime.rank,
@@ -46,7 +48,8 @@ def pretrain_task(model: GPT, train_set: Any, val_set: Any, cfg: TrainConfig, ru
         evaluate=lambda m: language_model_metrics(
             m, iterate_eval(val_set, cfg.batch_size, max_batches=cfg.eval_batches), runtime.device),
         batch_tokens=lambda batch: batch[1].numel(),
-        tokenizer="gpt2",
+        sequence_length=lambda batch: batch[0].shape[1],
+        tokenizer=tokenizer,
     )
 
 

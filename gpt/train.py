@@ -51,7 +51,7 @@ from .errors import UserError
 from .metrics_log import MetricsLog
 from .model import GPT
 from .optim import AdamW, clip_grad_norm, lr_at, param_groups
-from .resume import load_resume_checkpoint, rng_state, set_rng_state
+from .resume import check_same_model, load_resume_checkpoint, rng_state, set_rng_state
 from .runtime import Runtime, matmul_peak_flops
 
 # ----------------------------------------------------------------------------
@@ -163,6 +163,7 @@ def start_run(task: TrainTask, cfg: TrainConfig, runtime: Runtime, stop: _StopSi
 def restore(run: RunState, task: TrainTask, state: dict[str, Any], path: Path, runtime: Runtime) -> None:
     """Continue from a checkpoint (loaded onto the CPU; load_state_dict copies to the parameters' device):
     weights, optimizer, gradient scaler, data position, counters, RNG states."""
+    check_same_model(state, path, run.model.config, task.tokenizer)
     load_model_state(run.model, state["model"], path)
     run.optimizer.load_state_dict(state["optimizer"])
     if state.get("scaler"):  # fp16 runs only; checkpoints from before it was saved have none

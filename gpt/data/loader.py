@@ -81,7 +81,8 @@ class TokenFileDataset(SlidingWindowDataset):
     two integers.
     """
 
-    def __init__(self, path: PathLike, context_length: int, stride: int | None = None) -> None:
+    def __init__(self, path: PathLike, context_length: int, stride: int | None = None, *,
+                 max_tokens: int = 0) -> None:
         path = Path(path)
         if not path.is_file():
             raise UserError(f"{path}: no such token file (write one with `python -m gpt prepare`)")
@@ -89,17 +90,27 @@ class TokenFileDataset(SlidingWindowDataset):
         if size % 2:
             raise UserError(f"{path}: {size} bytes is not a whole number of uint16 tokens")
         tokens = np.memmap(path, dtype=np.uint16, mode="r") if size else np.zeros(0, dtype=np.uint16)
-        super().__init__(tokens, context_length, stride or context_length, name=str(path))
+        super().__init__(first_tokens(tokens, max_tokens, str(path)), context_length, stride or context_length,
+                         name=str(path))
         self.path = path
 
 
+def first_tokens(tokens: np.ndarray, count: int, name: str) -> np.ndarray:
+    """The first `count` tokens of a stream (0: all of it); more than it holds is a UserError naming `name`."""
+    if count > len(tokens):
+        raise UserError(f"data.train_tokens: {count:,} is more than {name} holds ({len(tokens):,} tokens)")
+    return tokens[:count] if count else tokens
+
+
 def pretraining_windows(path: PathLike, context_length: int, tokenizer: Tokenizer, val_fraction: float,
-                        stride: int = 0, vocab_size: int | None = None,
+                        stride: int = 0, vocab_size: int | None = None, train_tokens: int = 0,
                         ) -> tuple[SlidingWindowDataset, SlidingWindowDataset]:
     """Training and validation windows for pretraining: from the token files of a prepared folder
     (train.bin, val.bin), or from text read and split in memory (`load_text_corpus`).
 
-    Training windows start `stride` tokens apart (0: `context_length`, no overlap);
+    Each window holds `context_length` input tokens (the model's context, or fewer).
+    Training windows start `stride` tokens apart (0: `context_length`, no overlap) and
+    come from the first `train_tokens` tokens of the training split (0: all of them);
     validation windows never overlap, so each validation token is scored once. A prepared
     folder's meta.json must name `tokenizer` and ids below `vocab_size`, the model's
     vocabulary (default: the tokenizer's).
@@ -107,10 +118,12 @@ def pretraining_windows(path: PathLike, context_length: int, tokenizer: Tokenize
     path = Path(path)
     if path.is_dir() and (path / "train.bin").exists():
         check_token_meta(path, tokenizer.name, vocab_size or tokenizer.n_vocab)
-        return TokenFileDataset(path / "train.bin", context_length), TokenFileDataset(path / "val.bin", context_length)
-    train_tokens, val_tokens, _ = load_text_corpus(path, tokenizer, val_fraction)
-    return (SlidingWindowDataset(train_tokens, context_length, stride or context_length, name="the training split"),
-            SlidingWindowDataset(val_tokens, context_length, context_length, name="the validation split"))
+        return (TokenFileDataset(path / "train.bin", context_length, max_tokens=train_tokens),
+                TokenFileDataset(path / "val.bin", context_length))
+    train_split, val_split, _ = load_text_corpus(path, tokenizer, val_fraction)
+    train_split = first_tokens(train_split, train_tokens, "the training split")
+    return (SlidingWindowDataset(train_split, context_length, stride or context_length, name="the training split"),
+            SlidingWindowDataset(val_split, context_length, context_length, name="the validation split"))
 
 
 # ----------------------------------------------------------------------------

@@ -228,7 +228,7 @@ def _prepare(source: Path, out_dir: Path, val_fraction: float, workers: int | No
     (out_dir / "meta.json").unlink(missing_ok=True)  # no meta.json while the token files are being replaced
     stream_path = out_dir / ".tokens.stream.tmp"
     try:
-        stats, lengths = _tokenize_to_stream(files, stream_path, tokenizer.name, workers, total_bytes, piece_chars,
+        stats, lengths = _tokenize_to_stream(files, stream_path, tokenizer_name, workers, total_bytes, piece_chars,
                                              block_bytes)
         if stats.kept == 0:
             raise UserError(f"{source}: no text left after cleaning ({stats.read} documents, all empty or duplicates)")
