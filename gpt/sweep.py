@@ -519,6 +519,8 @@ def run_trial(sweep: Sweep, trial: Any, values: dict[str, Any], folder: Path, re
                                       start_new_session=True,  # the terminal's Ctrl-C reaches the sweep alone
                                       preexec_fn=_stop_with_parent())
     process, reported, pruned = stop.child, set(), False
+    if stop.requested:  # the signal came while the run was being started
+        process.send_signal(signal.SIGTERM)
     try:
         while True:
             running = process.poll() is None  # asked first, so the last read sees every record
@@ -749,18 +751,20 @@ def result_rows(optuna: ModuleType, study: Any, sweep: Sweep) -> list[dict[str, 
 
 def importances(optuna: ModuleType, study: Any) -> tuple[dict[str, float], str]:
     """Each field's importance for the objective over the complete trials (fANOVA with scikit-learn installed,
-    else PED-ANOVA), and a note when there is none to give."""
+    else PED-ANOVA; pruned trials have no objective to explain), and a line saying how it was found, or why
+    there is none."""
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if len(complete) < 2:
-        return {}, "importance needs at least 2 complete trials"
+        return {}, f"Importance needs at least 2 complete trials; there are {len(complete)}."
     if importlib.util.find_spec("sklearn") is not None:  # fANOVA fits scikit-learn's random forest
-        evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
+        name, evaluator = "fANOVA", optuna.importance.FanovaImportanceEvaluator(seed=0)
     else:
-        evaluator = optuna.importance.PedAnovaImportanceEvaluator()
+        name, evaluator = "PED-ANOVA", optuna.importance.PedAnovaImportanceEvaluator()
     try:
-        return dict(optuna.importance.get_param_importances(study, evaluator=evaluator)), ""
+        found = dict(optuna.importance.get_param_importances(study, evaluator=evaluator))
     except (ValueError, RuntimeError) as err:  # e.g. no field took two values yet
-        return {}, f"no importance: {err}"
+        return {}, f"No importance: {err}"
+    return found, f"{name} over the {len(complete)} complete trials (few trials make it a rough guide)."
 
 
 def best_toml(sweep: Sweep, best: Any) -> str:
@@ -835,12 +839,10 @@ def results_markdown(sweep: Sweep, rows: list[dict[str, Any]], importance: dict[
     notes = [r for r in rows if r["note"] and r["state"] != "COMPLETE"]
     if notes:
         lines += ["", "Notes:"] + [f"- trial {r['number']}: {r['note'].splitlines()[0]}" for r in notes]
-    lines += ["", "## Importance", ""]
+    lines += ["", "## Importance", "", note]
     if importance:
-        lines += ["| field | importance |", "|---|---:|"]
+        lines += ["", "| field | importance |", "|---|---:|"]
         lines += [f"| {key} | {value:.3f} |" for key, value in importance.items()]
-    else:
-        lines.append(note)
     return "\n".join(lines) + "\n"
 
 
@@ -848,7 +850,7 @@ def write_results(optuna: ModuleType, study: Any, sweep: Sweep, plots: bool = Fa
     """results.md, results.json and best.toml in OUT; with `plots` (and matplotlib), importance.png and
     history.png too."""
     rows = result_rows(optuna, study, sweep)
-    importance, note = importances(optuna, study) if plots else ({}, "computed when the sweep ends")
+    importance, note = importances(optuna, study) if plots else ({}, "Computed when the sweep ends.")
     try:
         best = study.best_trial
     except ValueError:  # no complete trial
@@ -873,6 +875,7 @@ def draw_plots(sweep: Sweep, rows: list[dict[str, Any]], importance: dict[str, f
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         print("[no matplotlib: history.png and importance.png not drawn; pip install 'gpt[plot]' for them]",
               file=sys.stderr)
@@ -883,12 +886,14 @@ def draw_plots(sweep: Sweep, rows: list[dict[str, Any]], importance: dict[str, f
     for state, marker in (("COMPLETE", "o"), ("PRUNED", "x")):
         shown = [r for r in rows if r["state"] == state and r["objective"] is not None]
         axes.scatter([r["number"] for r in shown], [r["objective"] for r in shown], marker=marker,
-                     label=state.lower())
-    complete = sorted((r["number"], r["objective"]) for r in rows if r["state"] == "COMPLETE")
+                     label="pruned (its best before it stopped)" if state == "PRUNED" else "complete")
+    complete = {r["number"]: r["objective"] for r in rows if r["state"] == "COMPLETE"}
     pick = min if sweep.direction == "minimize" else max
-    so_far = [pick(value for _, value in complete[: i + 1]) for i in range(len(complete))]
-    axes.step([number for number, _ in complete], so_far, where="post", color="C2", label="best so far")
+    numbers = sorted(n for n in {r["number"] for r in rows} if complete and n >= min(complete))
+    so_far = [pick(value for number, value in complete.items() if number <= n) for n in numbers]
+    axes.step(numbers, so_far, where="post", color="C2", label="best so far")
     axes.set_xlabel("trial")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_ylabel(f"best validation {sweep.metric}")
     axes.set_title(f"{sweep.file.name}: {sweep.script.path.name} on {sweep.base_config.name}")
     axes.legend()

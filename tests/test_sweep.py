@@ -210,6 +210,20 @@ def test_a_pruned_trial_is_stopped_early(tmp_path, corpus):
     assert trial.intermediate_values == {2: val_losses(folder)[2]}  # nothing is reported after the pruning
 
 
+@pytest.mark.slow  # one more run of the script: the fast set keeps under a minute
+def test_a_failed_run_is_recorded_with_the_end_of_its_log(tmp_path, corpus, capsys):
+    path = write_sweep(tmp_path, corpus, trials=1)
+    base = tmp_path / "base.toml"
+    base.write_text(base.read_text().replace(str(corpus), str(tmp_path / "missing.txt")))  # found by the run only
+    assert run_sweep(read_sweep(path)) == 0  # the sweep goes on: here, to its end
+    (trial,) = stored(tmp_path / "out")
+    assert trial.state == optuna.trial.TrialState.FAIL
+    log_end = (tmp_path / "out" / "trial-000" / "sweep.log").read_text().strip().splitlines()[-1]
+    assert "missing.txt" in log_end and "exit code 2" in trial.user_attrs["note"]
+    assert log_end in trial.user_attrs["note"] and log_end in capsys.readouterr().out
+    assert "| 0 | FAIL |" in (tmp_path / "out" / "results.md").read_text()
+
+
 @pytest.mark.parametrize("change, message", [
     (('script = "pretrain.py"', 'script = "train.py"'), "unknown script 'train.py'"),
     (('[params."train.lr"]', '[params."trian.lr"]'), 'params."trian.lr": pretrain.py has no [trian] section'),
