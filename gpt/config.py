@@ -298,6 +298,8 @@ class TrainConfig(Section):
     resume: str = field(default="", metadata={"help": "'auto' (latest checkpoint in out_dir) or a checkpoint path"})
     wandb_project: str = field(default="", metadata={"help": "log to this Weights & Biases project (if installed)"})
     tensorboard: bool = field(default=False, metadata={"help": "also log to TensorBoard in out_dir (if installed)"})
+    curves: bool = field(default=True, metadata={"help": "draw curves.png in out_dir when the run ends (if "
+                                                          "matplotlib is installed)"})
 
     def __post_init__(self) -> None:
         self._check_types()

@@ -451,7 +451,7 @@ def train(task: TrainTask, cfg: TrainConfig, runtime: Runtime, run_config: dict[
         report.close()
         # Finished, stopped or failed, the run is saved by now: curves.png, where a failure is only a note.
         # A second Ctrl-C (KeyboardInterrupt) asked to be out at once: no plot then.
-        if runtime.is_main and not isinstance(sys.exception(), KeyboardInterrupt):
+        if cfg.curves and runtime.is_main and not isinstance(sys.exception(), KeyboardInterrupt):
             try:
                 plot_run_curves(runtime.out_dir)
             except Exception as err:

@@ -99,6 +99,12 @@ def test_a_run_that_fails_has_its_curves_unless_told_to_stop_at_once(tmp_path, c
     assert (tmp_path / "curves.png").is_file() == curves
 
 
+def test_curves_false_draws_nothing(tmp_path, corpus):
+    assert pretrain.main([*SMALL_RUN, "--data.path", str(corpus), "--train.out_dir", str(tmp_path),
+                          "--train.curves", "false"]) == 0
+    assert (tmp_path / "metrics.jsonl").is_file() and not (tmp_path / "curves.png").exists()
+
+
 def test_without_matplotlib_a_run_ends_normally_without_curves(tmp_path, corpus, monkeypatch, capsys):
     real_import = builtins.__import__
 
