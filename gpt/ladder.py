@@ -40,8 +40,9 @@ OUT/ladder.json and OUT/ladder.md (rewritten after every rung) hold, per rung: h
 started, model and parameters, train tokens, steps, tokens seen, the validation loss at
 step 0, at the end and at best, training seconds, and the curve; ladder.png (with
 matplotlib) draws validation loss against tokens seen for every rung. A grown rung's
-tokens (and steps and training FLOPs) count those of the rungs it grew from ("chain"),
-so its curve continues where its source's ended.
+tokens (and steps and training FLOPs) count those of the rungs it grew from ("chain"):
+all that its source trained on, even when the best weights it starts from came earlier,
+so its curve starts where its source's ended.
 
 Grown vs scratch, for each control: the first evaluation at which the grown rung's
 validation loss is at or below the control's final loss (own steps, and chain steps,
@@ -512,6 +513,7 @@ def comparison(grown: dict[str, Any], control: dict[str, Any]) -> dict[str, Any]
     grown_point = first_reaching(grown["curve"], target)
     control_point = first_reaching(control["curve"], target)
     reverse = first_reaching(control["curve"], grown_final)
+    same_steps = next((point for point in control["curve"] if point["step"] == grown["steps"]), None)
     keys = ("step", "tokens_seen", "chain_steps", "chain_tokens_seen", "chain_train_flops")
     return {
         "grown": grown["name"], "control": control["name"], "control_final_loss": target,
@@ -519,34 +521,44 @@ def comparison(grown: dict[str, Any], control: dict[str, Any]) -> dict[str, Any]
         "grown_reaches_control_final": {key: grown_point[key] for key in keys} if grown_point else None,
         "control_reaches_own_final": {key: control_point[key] for key in keys} if control_point else None,
         "control_reaches_grown_final": {key: reverse[key] for key in keys} if reverse else None,
-        "sentence": comparison_sentence(grown, control, grown_point, control_point, reverse),
+        "control_loss_at_grown_steps": same_steps["loss"] if same_steps else None,
+        "sentence": comparison_sentence(grown, control, grown_point, control_point, reverse, same_steps),
     }
 
 
 def comparison_sentence(grown: dict[str, Any], control: dict[str, Any], grown_point: dict[str, Any] | None,
-                        control_point: dict[str, Any] | None, reverse: dict[str, Any] | None) -> str:
-    """The comparison in words, as ladder.md gives it."""
-    target = control["val_loss_final"]
+                        control_point: dict[str, Any] | None, reverse: dict[str, Any] | None,
+                        same_steps: dict[str, Any] | None) -> str:
+    """The comparison in words, as ladder.md gives it: each side's cost (chain steps, tokens, FLOPs) to the
+    other's final loss, or that it never got there; and the control's loss after as many steps as the grown
+    rung's own (`same_steps`: its evaluation then, if it had one)."""
+    target, grown_final = control["val_loss_final"], grown["val_loss_final"]
 
     def cost(point: dict[str, Any]) -> str:
         return (f"{point['chain_steps']:,} steps, {point['chain_tokens_seen']:,} tokens, "
                 f"{point['chain_train_flops']:.3g} training FLOPs")
 
+    grown_name = f"{grown['name']} ({grown['started_as']})"
     if grown_point is None:
-        head = (f"{grown['name']} ({grown['started_as']}) did not reach the from-scratch {control['name']}'s final "
-                f"validation loss {target:.4f}: its best was {grown['val_loss_best']:.4f}")
+        forward = (f"{grown_name} did not reach the from-scratch {control['name']}'s final validation loss "
+                   f"{target:.4f} (its best: {grown['val_loss_best']:.4f})")
     else:
-        head = (f"{grown['name']} ({grown['started_as']}) reached the from-scratch {control['name']}'s final "
-                f"validation loss {target:.4f} at its step {grown_point['step']:,}: {cost(grown_point)} counting the "
-                f"rungs it grew from")
-    scratch = f"; {control['name']} took {cost(control_point)}" if control_point else ""
+        forward = (f"{grown_name} reached the from-scratch {control['name']}'s final validation loss {target:.4f} at "
+                   f"its step {grown_point['step']:,}, {cost(grown_point)} counting the rungs it grew from")
+    if control_point is not None:
+        forward += f"; {control['name']} took {cost(control_point)}"
+    end = grown["curve"][-1]
     if reverse is None:
-        back = (f". {control['name']} never reached {grown['name']}'s final loss {grown['val_loss_final']:.4f} "
-                f"(in {control['steps']:,} steps)")
+        backward = (f"{control['name']} never reached {grown['name']}'s final loss {grown_final:.4f} in its "
+                    f"{control['steps']:,} steps")
     else:
-        back = (f". {control['name']} reached {grown['name']}'s final loss {grown['val_loss_final']:.4f} at step "
-                f"{reverse['step']:,}")
-    return head + scratch + back + "."
+        backward = (f"{control['name']} reached {grown['name']}'s final loss {grown_final:.4f} at its step "
+                    f"{reverse['step']:,} ({cost(reverse)}), where {grown['name']} took {cost(end)}")
+    sentence = f"{forward}. {backward}."
+    if same_steps is not None:
+        sentence += (f" After {grown['steps']:,} steps, as many as {grown['name']}'s own, {control['name']} was at "
+                     f"{same_steps['loss']:.4f}.")
+    return sentence
 
 
 def summary_of(ladder: Ladder, wall_seconds: dict[str, float], total_seconds: float) -> dict[str, Any]:

@@ -121,6 +121,7 @@ def test_the_summary_holds_the_rungs_own_figures(ladder):
     target = scratch[-1]["loss"]
     reached = next((r for r in grown if r["loss"] <= target), None)
     assert entry["control_final_loss"] == target
+    assert entry["control_loss_at_grown_steps"] == next(r["loss"] for r in scratch if r["step"] == grown[-1]["step"])
     if reached is None:
         assert entry["grown_reaches_control_final"] is None and "did not reach" in entry["sentence"]
     else:
@@ -195,6 +196,10 @@ def test_grown_vs_scratch_says_when_neither_reaches_the_other():
     assert entry["grown_reaches_control_final"] is None
     assert "g (grown from s) did not reach the from-scratch c's final validation loss 4.0000" in entry["sentence"]
     assert entry["control_reaches_grown_final"]["step"] == 20
+    assert entry["control_loss_at_grown_steps"] == 4.0 and entry["sentence"].endswith(
+        "After 20 steps, as many as g's own, c was at 4.0000.")
+    assert ("c reached g's final loss 4.2000 at its step 20 (70 steps, 700 tokens, 7e+06 training FLOPs), where g "
+            "took 70 steps, 700 tokens, 7e+06 training FLOPs.") in entry["sentence"]
     entry = comparison(grown, {**scratch, "curve": curve(9.0, 6.0, 4.6), "val_loss_final": 4.6})
     assert entry["grown_reaches_control_final"]["step"] == 10 and entry["grown_reaches_control_final"][
         "chain_tokens_seen"] == 600
