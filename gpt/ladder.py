@@ -38,7 +38,7 @@ stops the rung at the end of its step, saved; the ladder stops with it.
 
 OUT/ladder.json and OUT/ladder.md (rewritten after every rung) hold, per rung: how it
 started, model and parameters, train tokens, steps, tokens seen, the validation loss at
-step 0, at the end and at best, training seconds, and the curve; ladder.png (with
+step 0, at the end and at best, training and wall seconds, and the curve; ladder.png (with
 matplotlib) draws validation loss against tokens seen for every rung. A grown rung's
 tokens (and steps and training FLOPs) count those of the rungs it grew from ("chain"):
 all that its source trained on, even when the best weights it starts from came earlier,
@@ -417,12 +417,24 @@ def read_config_json(path: Path) -> dict[str, Any]:
     return value
 
 
+def earlier_wall_seconds(out_dir: Path) -> dict[str, float]:
+    """Per rung, the wall seconds earlier runs of the ladder spent on it, as OUT/ladder.json has them ({} when
+    there is none to read)."""
+    try:
+        rungs = json.loads((out_dir / "ladder.json").read_text(encoding="utf-8"))["rungs"]
+        return {rung["name"]: float(rung["wall_seconds"]) for rung in rungs if rung.get("wall_seconds")}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
 def run_ladder(ladder: Ladder) -> int:
     """Train every rung not finished yet, in order, writing the summary after each; returns an exit code
-    (non-zero when a signal stopped a rung: it is saved, and running the ladder again continues it)."""
+    (non-zero when a signal stopped a rung: it is saved, and running the ladder again continues it).
+
+    A rung's wall seconds add up over the runs of the ladder that trained it (a resumed rung's both parts)."""
     pretrain = load_pretrain()
     started = time.perf_counter()
-    wall_seconds: dict[str, float] = {}
+    wall_seconds = earlier_wall_seconds(ladder.out_dir)
     for rung in ladder.rungs:
         folder = rung.folder
         check_settings(rung, folder)
@@ -430,15 +442,16 @@ def run_ladder(ladder: Ladder) -> int:
             print(f"[ladder] {rung.index}/{len(ladder.rungs)} {rung.name}: finished before ({folder}); skipped")
             continue
         step = last_step(folder)
+        earlier = wall_seconds.get(rung.name, 0.0) if step is not None else 0.0  # a fresh start counts from 0
         print(f"[ladder] {rung.index}/{len(ladder.rungs)} {rung.name}: {rung.started_as}, {rung.max_steps} steps"
-              f"{f', continuing from step {step}' if step else ''}\n"
+              f"{f', continuing its run (last evaluated at step {step})' if step else ''}\n"
               f"         python pretrain.py {shlex.join(pretrain_argv(rung))}", flush=True)
         rung_started = time.perf_counter()
         try:
             exit_code = pretrain.main(pretrain_argv(rung))
         except UserError as err:
             raise UserError(f"rung {rung.name}: {err}") from None
-        wall_seconds[rung.name] = time.perf_counter() - rung_started
+        wall_seconds[rung.name] = earlier + time.perf_counter() - rung_started
         write_summary(ladder, wall_seconds, time.perf_counter() - started)
         if exit_code:
             print(f"[ladder] stopped during {rung.name} (saved): run the same command again to continue",
@@ -498,7 +511,7 @@ def rung_summary(ladder: Ladder, rung: Rung, chain: dict[str, dict[str, Any]],
         "val_loss_best": min(trained) if trained else None,
         "train_seconds": final_eval["tokens_seen"] / final_eval["tokens_per_s"]
         if final_eval.get("tokens_per_s") else None,
-        "wall_seconds": wall_seconds, "curve": curve,
+        "wall_seconds": wall_seconds if curve else None, "curve": curve,
     }
 
 
@@ -561,7 +574,7 @@ def comparison_sentence(grown: dict[str, Any], control: dict[str, Any], grown_po
     return sentence
 
 
-def summary_of(ladder: Ladder, wall_seconds: dict[str, float], total_seconds: float) -> dict[str, Any]:
+def summary_of(ladder: Ladder, wall_seconds: dict[str, float], this_run_seconds: float) -> dict[str, Any]:
     """ladder.json's content, read from the rung folders."""
     rungs: dict[str, dict[str, Any]] = {}
     for rung in ladder.rungs:
@@ -574,7 +587,8 @@ def summary_of(ladder: Ladder, wall_seconds: dict[str, float], total_seconds: fl
         "validation": {"data": first["data"].path, "val_fraction": first["data"].val_fraction,
                        "window": window(ladder.rungs[0]), "batch_size": first["train"].batch_size,
                        "eval_batches": first["train"].eval_batches},
-        "wall_seconds": total_seconds, "rungs": list(rungs.values()), "comparisons": comparisons,
+        "wall_seconds": sum(rung["wall_seconds"] or 0.0 for rung in rungs.values()),
+        "this_run_seconds": this_run_seconds, "rungs": list(rungs.values()), "comparisons": comparisons,
     }
 
 
@@ -591,10 +605,11 @@ def markdown(summary: dict[str, Any]) -> str:
              f"{validation['data']} (val_fraction {validation['val_fraction']}). A grown rung starts from the best "
              f"weights of its source; its chain counts (steps, tokens) include the rungs it grew from.", "",
              "| rung | start | layers x d_model | parameters | train tokens | steps | tokens seen | chain tokens "
-             "| val loss step 0 | final | best | train s | status |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "| val loss step 0 | final | best | train s | wall s | status |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for rung in summary["rungs"]:
-        seconds = "-" if rung["train_seconds"] is None else f"{rung['train_seconds']:.0f}"
+        seconds = " | ".join("-" if rung[key] is None else f"{rung[key]:.0f}" for key in ("train_seconds",
+                                                                                          "wall_seconds"))
         lines.append(
             f"| {rung['name']} | {rung['started_as']} | {rung['model']['n_layer']} x {rung['model']['d_model']} "
             f"| {rung['parameters']:,} | {'all' if rung['train_tokens'] is None else format(rung['train_tokens'], ',')} "
@@ -604,7 +619,8 @@ def markdown(summary: dict[str, Any]) -> str:
     if summary["comparisons"]:
         lines += ["", "## Grown vs scratch", "", "Read at evaluations (every train.eval_interval steps).", ""]
         lines += [f"- {entry['sentence']}" for entry in summary["comparisons"]]
-    lines += ["", f"Wall time of this invocation: {summary['wall_seconds']:.0f} s."]
+    lines += ["", f"Wall time of the rungs: {summary['wall_seconds']:.0f} s (this run of the ladder: "
+                  f"{summary['this_run_seconds']:.0f} s)."]
     return "\n".join(lines) + "\n"
 
 
@@ -639,9 +655,9 @@ def write_plot(summary: dict[str, Any], path: Path) -> Path | None:
     return path
 
 
-def write_summary(ladder: Ladder, wall_seconds: dict[str, float], total_seconds: float) -> dict[str, Any]:
+def write_summary(ladder: Ladder, wall_seconds: dict[str, float], this_run_seconds: float) -> dict[str, Any]:
     """OUT/ladder.json, ladder.md and ladder.png from the rung folders as they are now; returns the summary."""
-    summary = summary_of(ladder, wall_seconds, total_seconds)
+    summary = summary_of(ladder, wall_seconds, this_run_seconds)
     write_json(ladder.out_dir / "ladder.json", summary)
     write_text(ladder.out_dir / "ladder.md", markdown(summary))
     write_plot(summary, ladder.out_dir / "ladder.png")

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -158,8 +159,13 @@ def test_an_interrupted_ladder_continues_where_it_stopped(tmp_path, corpus, ladd
 
     a_metrics = (out / "a" / "metrics.jsonl").read_bytes()
     capsys.readouterr()
+    started = time.perf_counter()
     assert ladder_cli(["--config", str(path), "--out", str(out)]) == 0
+    seconds = time.perf_counter() - started
     assert "a: finished before" in capsys.readouterr().out
+    resumed = {r["name"]: r for r in json.loads((out / "ladder.json").read_text())["rungs"]}
+    assert resumed["a"]["wall_seconds"] == partial["a"]["wall_seconds"]  # measured when it ran, kept
+    assert 0 < resumed["b"]["wall_seconds"] - partial["b"]["wall_seconds"] < seconds  # both parts of b
     assert (out / "a" / "metrics.jsonl").read_bytes() == a_metrics
     for name in ("b", "b-scratch"):  # the uninterrupted ladder's losses, bit for bit
         assert [r["loss"] for r in records(out / name, "val")] == [r["loss"] for r in records(ladder / name, "val")]
