@@ -206,8 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     model_cfg = config["model"]
     tokenizer, tokenizer_name = (loaded.tokenizer, loaded.tokenizer_name) if loaded else (get_tokenizer("gpt2"), "gpt2")
     if model_cfg.vocab_size < tokenizer.n_vocab:
-        raise UserError(f"model.vocab_size: {model_cfg.vocab_size} is smaller than the GPT-2 tokenizer's "
-                        f"{tokenizer.n_vocab}")
+        raise UserError(f"model.vocab_size: {model_cfg.vocab_size} is smaller than the {tokenizer_name} "
+                        f"tokenizer's {tokenizer.n_vocab}")
     window = data_cfg.window_for(model_cfg.context_length)
     prompt_tokens = len(tokenizer.encode(sample_cfg.prompt))
     if prompt_tokens >= model_cfg.context_length:
