@@ -263,9 +263,8 @@ def test_the_command_line_reports_a_bad_file_in_one_line(tmp_path, corpus):
     done = subprocess.run([sys.executable, "-m", "gpt", "ladder", "--config", str(path)], cwd=REPO,
                           capture_output=True, text=True)
     assert done.returncode == 2
-    assert done.stderr.strip().splitlines() == [
-        f"error: {path}: [[rung]] 2 (b).grow: n_head cannot be given: n_head follows d_model (widening d_model k "
-        f"times makes k times the heads, head_dim stays)"]
+    [line] = done.stderr.strip().splitlines()  # one line, no traceback
+    assert line.startswith(f"error: {path}: [[rung]] 2 (b).grow: n_head cannot be given")
 
 
 def test_the_default_ladder_is_valid(capsys):
