@@ -55,10 +55,13 @@ def tensor_bytes(value: Any) -> int:
 
 
 def resolve_checkpoint_path(path: str | Path, which: str = "best") -> Path:
-    """A checkpoint file, or a run folder (-> its checkpoints/{which}.pt, falling back to latest.pt)."""
+    """A checkpoint file, or a run folder: its checkpoints/final.pt when the run wrote one (the model a fine-tuning
+    or continued run ends with, LoRA adapters merged; best.pt may still hold them apart), else {which}.pt,
+    falling back to latest.pt."""
     path = Path(path)
     if path.is_dir():
-        for candidate in (path / "checkpoints" / f"{which}.pt", path / "checkpoints" / "latest.pt",
+        for candidate in (path / "checkpoints" / "final.pt", path / "checkpoints" / f"{which}.pt",
+                          path / "checkpoints" / "latest.pt",
                           path / f"{which}.pt", path / "latest.pt"):
             if candidate.is_file():
                 return candidate

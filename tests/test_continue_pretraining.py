@@ -187,6 +187,8 @@ def test_lora_on_one_of_our_checkpoints_merges_into_a_plain_final_checkpoint(tmp
     before, after = start.state_dict(), final.state_dict()
     changed = {name for name in before if not torch.equal(before[name], after[name])}
     assert changed == {"blocks.0.attn.q_proj.weight", "blocks.0.attn.v_proj.weight"}
+    from_folder = load_pretrained(out_dir).state_dict()  # the run folder stands for final.pt, not best.pt's adapters
+    assert from_folder.keys() == after.keys() and all(torch.equal(from_folder[n], after[n]) for n in after)
 
     gpt2 = get_tokenizer("gpt2")
     for figures, model in ((report["before"], start), (report["after"], final)):
