@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from .errors import UserError
 from .evaluate.language_model import loss_figures, sliding_window_batches
-from .generate import _left_pad, next_token_logits_function, sample_next_token
+from .generate import _left_pad, mark_finished, next_token_logits_function, sample_next_token
 from .model import GPT
 from .tokenizer import Tokenizer
 
@@ -185,9 +185,7 @@ class Ensemble:
             padding_mask = None  # only the prompt is padded; new tokens are real in every row
             # log p is a valid "logits": softmax(log p / temperature) is p sharpened or flattened.
             next_token = sample_next_token(mixture_log_probs(log_probs), temperature, top_k, top_p, generator)  # (B,)
-            if len(eos_ids):
-                next_token = torch.where(finished, eos_ids[0], next_token)
-                finished |= torch.isin(next_token, eos_ids)
+            next_token = mark_finished(next_token, finished, eos_ids)
             yield next_token
             if bool(finished.all()):
                 return

@@ -43,6 +43,15 @@ def sample_next_token(
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
 
 
+def mark_finished(next_token: torch.Tensor, finished: torch.Tensor, eos_ids: torch.Tensor) -> torch.Tensor:
+    """`next_token` (B,) with rows that already ended held at the first end-of-sequence id; `finished` (B,) is
+    updated in place with the rows that end now. No end ids: tokens unchanged."""
+    if len(eos_ids):
+        next_token = torch.where(finished, eos_ids[0], next_token)
+        finished |= torch.isin(next_token, eos_ids)
+    return next_token
+
+
 def next_token_logits_function(model: GPT, batch_size: int) -> Callable[[torch.Tensor], torch.Tensor]:
     """hidden (B, D) -> logits (B, V): the LM head, in the fastest form for decoding on this device.
 
@@ -120,9 +129,7 @@ def stream_tokens(
                 mask = padding_mask[:, -context_length:] if padding_mask is not None else None
                 logits = model(window, padding_mask=mask)[:, -1]  # (B, V)
             next_token = sample_next_token(logits, temperature, top_k, top_p, generator)  # (B,)
-            if len(eos_ids):
-                next_token = torch.where(finished, eos_ids[0], next_token)
-                finished |= torch.isin(next_token, eos_ids)
+            next_token = mark_finished(next_token, finished, eos_ids)
             yield next_token
             if bool(finished.all()):
                 return
