@@ -69,6 +69,7 @@ from typing import Any
 import torch
 
 from . import cli_args
+from .compare import read_config
 from .config import ModelConfig, Section, build_config, read_toml
 from .curves import evaluations, read_metrics
 from .errors import ConfigError, UserError
@@ -395,7 +396,7 @@ def check_settings(rung: Rung, folder: Path) -> None:
     path = folder / "config.json"
     if not path.is_file():
         return
-    saved = read_config_json(path)
+    saved = read_config(path)
     differences = [f"{section}.{key} {saved[section][key]!r} there, {value!r} now"
                    for section, values in rung.config.items() for key, value in values.to_dict().items()
                    if f"{section}.{key}" not in NOT_SETTINGS and key in saved.get(section, {})
@@ -404,17 +405,6 @@ def check_settings(rung: Rung, folder: Path) -> None:
         raise UserError(f"{folder}: this rung was trained with other settings than {rung.name} has now "
                         f"({'; '.join(differences[:3])}); remove the folder to train the rung again (and the rungs "
                         f"grown from it), or restore the settings")
-
-
-def read_config_json(path: Path) -> dict[str, Any]:
-    """A run folder's config.json."""
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UserError(f"{path}: cannot read the run's config ({err})") from None
-    if not isinstance(value, dict):
-        raise UserError(f"{path}: expected an object of config sections")
-    return value
 
 
 def earlier_wall_seconds(out_dir: Path) -> dict[str, float]:
