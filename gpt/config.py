@@ -323,13 +323,124 @@ class TrainConfig(Section):
         check_choice("train.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
 
 
+# Actions the blocklist filter can take on a document that contains a listed word or phrase.
+BLOCKLIST_ACTIONS = ("drop", "mask")
+
+
 @dataclass
-class DataConfig(Section):
-    """Where pretraining text comes from and how it is cut into windows."""
+class FilterConfig(Section):
+    """What cleaning keeps of a corpus: the document filters and normalizations (`gpt.data.filters`).
+
+    The fields sit in the `[data]` section of pretrain.py (DataConfig adds the rest) and of
+    `python -m gpt prepare --config`. Thresholds default to the published web-text filters:
+    Gopher (Rae et al., 2021, MassiveText quality and repetition rules) and FineWeb (Penedo et
+    al., 2024, the share of lines ending in punctuation).
+    """
+
+    section_name: typing.ClassVar[str] = "data"
+
+    dedup: bool = field(default=True, metadata={"help": "drop exact duplicate documents (after cleaning)"})
+    near_dedup: bool = field(default=False, metadata={
+        "help": "drop near-duplicate documents: MinHash over word shingles with LSH (needs datasketch: "
+                "pip install 'gpt[data]'); the first of each cluster stays"})
+    near_dedup_threshold: float = field(default=0.8, metadata={
+        "help": "estimated Jaccard similarity of shingle sets at which documents count as near-duplicates"})
+    near_dedup_ngram: int = field(default=5, metadata={"help": "words per shingle"})
+    near_dedup_num_perm: int = field(default=128, metadata={"help": "MinHash permutations (more: better estimates)"})
+    quality: bool = field(default=False, metadata={"help": "drop documents that fail the heuristic quality rules "
+                                                           "(the quality_* thresholds)"})
+    quality_min_words: int = field(default=50, metadata={"help": "fewest words (Gopher: 50)"})
+    quality_max_words: int = field(default=100_000, metadata={"help": "most words (Gopher: 100,000)"})
+    quality_min_mean_word_length: float = field(default=3.0, metadata={"help": "shortest mean word length in "
+                                                                               "characters (Gopher: 3)"})
+    quality_max_mean_word_length: float = field(default=10.0, metadata={"help": "longest mean word length "
+                                                                                "(Gopher: 10)"})
+    quality_max_symbol_ratio: float = field(default=0.1, metadata={"help": "most '#' and '...' per word "
+                                                                           "(Gopher: 0.1)"})
+    quality_min_alpha_words: float = field(default=0.8, metadata={"help": "least share of words holding an "
+                                                                          "alphabetic character (Gopher: 0.8)"})
+    quality_min_punctuated_lines: float = field(default=0.12, metadata={
+        "help": "least share of non-empty lines ending in . ! ? or a closing quote (FineWeb: 0.12)"})
+    quality_max_duplicate_lines: float = field(default=0.3, metadata={"help": "most share of lines that repeat "
+                                                                              "an earlier line (Gopher: 0.3)"})
+    quality_max_top_ngrams: str = field(default="2:0.20,3:0.18,4:0.16", metadata={
+        "help": "n:fraction,...: most share of characters in the most frequent word n-gram (Gopher)"})
+    quality_max_duplicate_ngrams: str = field(default="5:0.15,6:0.14,7:0.13,8:0.12,9:0.11,10:0.10", metadata={
+        "help": "n:fraction,...: most share of characters in word n-grams that occur more than once (Gopher)"})
+    blocklist: str = field(default="", metadata={"help": "a file of words or phrases, one per line (# comments), "
+                                                         "matched whole and case-insensitively; empty = off"})
+    blocklist_action: str = field(default="drop", metadata={"help": "drop | mask: drop a matching document, or "
+                                                                   "replace each match with asterisks"})
+    pii: bool = field(default=False, metadata={"help": "replace e-mail addresses, phone numbers and IP addresses "
+                                                       "with <EMAIL>, <PHONE>, <IP>"})
+    lowercase: bool = field(default=False, metadata={"help": "lower-case every document"})
+    nfkc: bool = field(default=False, metadata={"help": "Unicode NFKC normalization"})
+    allowed_chars: str = field(default="", metadata={
+        "help": "remove every character outside this regular-expression character class, written without "
+                "its brackets (e.g. a-z0-9 .,!?); empty = keep all"})
+
+    def __post_init__(self) -> None:
+        self._check_types()
+        self._check_filters()
+
+    def _check_filters(self) -> None:
+        """Validate the filter fields (DataConfig calls this from its own __post_init__)."""
+        if not 0.0 < self.near_dedup_threshold <= 1.0:
+            raise ConfigError(f"data.near_dedup_threshold: must be in (0, 1], got {self.near_dedup_threshold}")
+        for name in ("near_dedup_ngram", "near_dedup_num_perm", "quality_max_words"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"data.{name}: must be positive, got {getattr(self, name)}")
+        if not 0 <= self.quality_min_words <= self.quality_max_words:
+            raise ConfigError(f"data.quality_min_words: must be in [0, quality_max_words = {self.quality_max_words}], "
+                              f"got {self.quality_min_words}")
+        if not 0 <= self.quality_min_mean_word_length <= self.quality_max_mean_word_length:
+            raise ConfigError("data.quality_min_mean_word_length: must be in [0, quality_max_mean_word_length = "
+                              f"{self.quality_max_mean_word_length}], got {self.quality_min_mean_word_length}")
+        for name in ("quality_max_symbol_ratio", "quality_min_alpha_words", "quality_min_punctuated_lines",
+                     "quality_max_duplicate_lines"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"data.{name}: must not be negative, got {getattr(self, name)}")
+        for name in ("quality_max_top_ngrams", "quality_max_duplicate_ngrams"):
+            parse_ngram_limits(f"data.{name}", getattr(self, name))
+        check_choice("data.blocklist_action", self.blocklist_action, BLOCKLIST_ACTIONS)
+
+    def ngram_limits(self) -> tuple[dict[int, float], dict[int, float]]:
+        """quality_max_top_ngrams and quality_max_duplicate_ngrams as {n: fraction}."""
+        return (parse_ngram_limits("data.quality_max_top_ngrams", self.quality_max_top_ngrams),
+                parse_ngram_limits("data.quality_max_duplicate_ngrams", self.quality_max_duplicate_ngrams))
+
+    def filter_settings(self) -> FilterConfig:
+        """Only the filter fields, as a FilterConfig (what `gpt.data.filters` and `prepare` take)."""
+        names = {f.name for f in dataclasses.fields(FilterConfig)}
+        return FilterConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name in names})
+
+
+def parse_ngram_limits(key: str, text: str) -> dict[int, float]:
+    """`"2:0.20,3:0.18"` -> {2: 0.2, 3: 0.18}; empty = no limits. A bad entry is a ConfigError naming `key`."""
+    limits: dict[int, float] = {}
+    for entry in filter(None, (part.strip() for part in text.split(","))):
+        n_text, sep, fraction_text = entry.partition(":")
+        try:
+            n, fraction = int(n_text), float(fraction_text)
+        except ValueError:
+            n, fraction = 0, -1.0
+        if not sep or n < 1 or not 0.0 <= fraction <= 1.0:
+            raise ConfigError(f"{key}: expected entries n:fraction (n >= 1, fraction in [0, 1]) separated by "
+                              f"commas, got {entry!r}")
+        limits[n] = fraction
+    return limits
+
+
+@dataclass
+class DataConfig(FilterConfig):
+    """Where pretraining text comes from, how it is filtered (FilterConfig) and cut into windows."""
 
     section_name: typing.ClassVar[str] = "data"
 
     path: str = field(default="data/botchan.txt", metadata={"help": ".txt file, folder, .jsonl, or a prepared token folder"})
+    tokenizer: str = field(default="", metadata={
+        "help": "gpt2 | bytes (256 byte tokens + end of text) | a folder from `python -m gpt train-tokenizer` | "
+                "a .gguf file; empty = gpt2, or init.from's own tokenizer"})
     val_fraction: float = field(default=0.1, metadata={"help": "share of documents (or tail of a single one) for validation"})
     stride: int = field(default=0, metadata={"help": "step between training windows; 0 = the window"})
     window: int = field(default=0, metadata={"help": "tokens per training and validation window; 0 = the model's "
@@ -339,6 +450,7 @@ class DataConfig(Section):
 
     def __post_init__(self) -> None:
         self._check_types()
+        self._check_filters()
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction: must be in (0, 1), got {self.val_fraction}")
         for name in ("stride", "window", "train_tokens"):
