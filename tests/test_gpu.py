@@ -238,7 +238,12 @@ def test_f5_auto_precision_is_bf16_only_where_it_is_native():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_adamw_multi_tensor_path_on_gpu_equals_the_loop_and_torch(dtype):
-    """Multi-tensor path on CUDA = per-parameter loop (exactly) = torch.optim.AdamW (closely)."""
+    """Multi-tensor path on CUDA = per-parameter loop = torch.optim.AdamW (closely).
+
+    In bfloat16 the two paths agree bit for bit. In float32 they may differ in the last bits: CUDA's
+    multi-tensor kernels compute with fused multiply-adds where the per-tensor ops round each step
+    (measured on an H200: 135 of 5,100 elements, at most 2.4e-7 apart), so float32 is compared within
+    float32 rounding, which still catches any wrong term of the update."""
     shapes = [(300, 17), (17,), (64, 64), (5,)]
     runs = {}
     for name in ("foreach", "loop", "torch"):
@@ -254,7 +259,8 @@ def test_adamw_multi_tensor_path_on_gpu_equals_the_loop_and_torch(dtype):
             opt.step()
         runs[name] = [p.detach().clone() for p in params]
     for a, b, c in zip(runs["foreach"], runs["loop"], runs["torch"]):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        exact = dict(rtol=0, atol=0) if dtype == torch.bfloat16 else dict(rtol=4e-6, atol=1e-6)
+        torch.testing.assert_close(a, b, **exact)
         torch.testing.assert_close(a, c)
 
 
