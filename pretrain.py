@@ -25,6 +25,7 @@ model, LoRA adapters merged in, to checkpoints/final.pt.
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 import typing
@@ -146,6 +147,19 @@ def read_reference(path: str) -> str | None:
     return text
 
 
+def run_tokenizer(loaded: LoadedModel | None, spec: str) -> tuple[Tokenizer, str]:
+    """The tokenizer of the run and the name its checkpoints record (which loads it again): a continued model's
+    own, else data.tokenizer (gpt2 when empty): gpt2, bytes, a train-tokenizer folder or a GGUF file."""
+    if loaded:
+        if spec:
+            raise UserError(f"data.tokenizer: {spec!r}, but a continued model keeps its own tokenizer "
+                            f"({loaded.tokenizer_name}); leave data.tokenizer empty with init.from")
+        return loaded.tokenizer, loaded.tokenizer_name
+    spec = spec or "gpt2"
+    path = Path(spec).expanduser()
+    return get_tokenizer(spec), str(path.resolve()) if spec not in ("gpt2", "bytes") and path.exists() else spec
+
+
 def validation_metrics(model: GPT, tokenizer: Tokenizer, val_set: Any, cfg: TrainConfig,
                        device: torch.device) -> dict[str, float]:
     """Loss, perplexity and bits per byte on the validation windows the training loop evaluates (the same
@@ -204,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     if loaded is not None:
         config["model"] = loaded.model.config  # config.json records the model this run trains
     model_cfg = config["model"]
-    tokenizer, tokenizer_name = (loaded.tokenizer, loaded.tokenizer_name) if loaded else (get_tokenizer("gpt2"), "gpt2")
+    tokenizer, tokenizer_name = run_tokenizer(loaded, data_cfg.tokenizer)
     if model_cfg.vocab_size < tokenizer.n_vocab:
         raise UserError(f"model.vocab_size: {model_cfg.vocab_size} is smaller than the {tokenizer_name} "
                         f"tokenizer's {tokenizer.n_vocab}")
@@ -215,7 +229,9 @@ def main(argv: list[str] | None = None) -> int:
                         f"{model_cfg.context_length}")
     reference = read_reference(config["eval"].reference)
     train_set, val_set = pretraining_windows(data_cfg.path, window, tokenizer, data_cfg.val_fraction, data_cfg.stride,
-                                             vocab_size=model_cfg.vocab_size, train_tokens=data_cfg.train_tokens)
+                                             vocab_size=model_cfg.vocab_size, train_tokens=data_cfg.train_tokens,
+                                             filters=data_cfg.filter_settings(),
+                                             verbose=int(os.environ.get("RANK", "0")) == 0)
     with setup_runtime(train_cfg, "pretrain") as runtime:
         model = loaded.model if loaded else GPT(model_cfg)
         model.to(runtime.device)

@@ -150,8 +150,9 @@ class Section:
     def field_help(cls) -> list[str]:
         """One line per field for `--help`: key, type, default and the field's description."""
         hints = typing.get_type_hints(cls)
+        own = cls.__dict__.get("__annotations__", {})
         lines = []
-        for key, f in cls.fields_by_key().items():
+        for key, f in sorted(cls.fields_by_key().items(), key=lambda item: item[1].name not in own):
             default = f.default if f.default is not dataclasses.MISSING else None
             type_name = getattr(hints[f.name], "__name__", str(hints[f.name]))
             lines.append(f"  --{cls.section_name}.{key} {type_name} (default {default!r})  {f.metadata.get('help', '')}")
@@ -377,7 +378,7 @@ class FilterConfig(Section):
     nfkc: bool = field(default=False, metadata={"help": "Unicode NFKC normalization"})
     allowed_chars: str = field(default="", metadata={
         "help": "remove every character outside this regular-expression character class, written without "
-                "its brackets (e.g. a-z0-9 .,!?); empty = keep all"})
+                "its brackets (e.g. a-z0-9 \\n.,!? keeps line breaks); empty = keep all"})
 
     def __post_init__(self) -> None:
         self._check_types()

@@ -36,7 +36,7 @@ from gpt.data import (
     write_length_histogram,
 )
 from gpt.data.text import _clean_pieces
-from gpt.data.token_files import _length_histogram_figure
+from gpt.data.report import _length_histogram_figure
 from gpt.errors import UserError
 from gpt.tokenizer import get_tokenizer
 
@@ -361,11 +361,12 @@ def test_prepare_with_workers_equals_in_memory_pipeline(tmp_path, tokenizer):
     # By hand: 3 .txt files + 302 JSON lines = 305 documents read; the "  " line is empty; copy.txt repeats
     # botchan.txt and the 301st story repeats story 3: 2 duplicates; 305 - 1 - 2 = 302 kept.
     assert stats == CleanStats(read=305, empty=1, duplicate=2, kept=302)
-    assert meta["documents"] == {"read": 305, "empty": 1, "duplicate": 2, "kept": 302}
+    assert meta["documents"] == {"read": 305, "empty": 1, "duplicate": 2, "kept": 302, "filtered": {}}
     assert meta["split"] == "documents" and (val_bin == EOT).sum() == math.floor(302 * 0.01)
     assert meta["train_tokens"] == len(train) and meta["val_tokens"] == len(val)
     assert json.loads((tmp_path / "out" / "meta.json").read_text()) == meta
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["meta.json", "train.bin", "val.bin"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "data_report.json", "data_report.md", "doc_lengths.png", "meta.json", "train.bin", "val.bin"]  # no scratch
 
     # The memory-mapped windows are slices of the in-memory training stream.
     memmapped = TokenFileDataset(tmp_path / "out" / "train.bin", 32)

@@ -4,10 +4,14 @@ One concept per module, in the order the data flows:
 
     text.py            read documents (.txt, .jsonl, folders; UTF-8 checked, big files in blocks)
                        and clean them (Gutenberg header/footer, LF newlines, empties, duplicates)
+    filters.py         what of a corpus to keep: exact and near duplicates, quality rules,
+                       blocklist, PII scrubbing, normalizations (`DocumentFilter`)
     corpus.py          tokenize, join with <|endoftext|>, split into train/val streams;
                        `load_text_corpus` does it all in memory; `dataset_stats`, `format_stats`
     token_files.py     the same for corpora of any size, streamed through tokenizer worker
-                       processes into uint16 token files; histograms; `python -m gpt prepare`
+                       processes into uint16/uint32 token files; `python -m gpt prepare`
+    report.py          what preparing did: the filters' funnel, examples, length histograms,
+                       top tokens, split sizes (data_report.md/.json, doc_lengths.png)
     loader.py          next-token windows over a stream or a token file, resumable DDP-aware
                        `BatchLoader`, fixed `iterate_eval` batches
     labeled_files.py   labelled texts from TSV, CSV or JSONL files
@@ -76,7 +80,9 @@ from .instruct import (
 )
 from .labeled_files import CLASSIFICATION_FORMATS, HEADER_CHOICES, LabeledText, read_labeled_texts
 from .loader import BatchLoader, SlidingWindowDataset, TokenFileDataset, iterate_eval, pretraining_windows
-from .token_files import TOKEN_DTYPE, check_token_meta, prepare, prepare_cli, text_histogram, write_length_histogram
+from .filters import DocumentFilter
+from .report import DataReport, text_histogram, write_length_histogram, write_report
+from .token_files import TOKEN_DTYPES, check_token_meta, prepare, prepare_cli, token_dtype
 from .text import (
     DEFAULT_BLOCK_BYTES,
     DEFAULT_PIECE_CHARS,
@@ -96,12 +102,14 @@ __all__ = [
     "DEFAULT_PIECE_CHARS",
     "HEADER_CHOICES",
     "SOURCE_SUFFIXES",
-    "TOKEN_DTYPE",
+    "TOKEN_DTYPES",
     "BatchLoader",
     "ClassificationBatchLoader",
     "ClassificationDataConfig",
     "ClassificationDataset",
     "CleanStats",
+    "DataReport",
+    "DocumentFilter",
     "DedupStats",
     "InstructDataConfig",
     "InstructionBatchLoader",
@@ -140,10 +148,12 @@ __all__ = [
     "split_records",
     "stratified_split",
     "text_histogram",
+    "token_dtype",
     "tokenize_documents",
     "tokenize_instruction",
     "tokenize_splits",
     "trim_instruction_batch",
     "trim_padding",
     "write_length_histogram",
+    "write_report",
 ]

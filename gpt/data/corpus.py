@@ -4,7 +4,7 @@
     train, val = split_documents(doc_tokens, 0.1, tokenizer.eot_id)  # <|endoftext|> after each document
 
 `load_text_corpus` runs the whole road for a small corpus held in memory: read and
-clean (`gpt.data.text`), tokenize, join, split; its summary has the keys of a
+clean (`gpt.data.text`), filter (`gpt.data.filters`), tokenize, join, split; its summary has the keys of a
 prepared folder's meta.json, which `format_stats` prints. The split rule lives in
 `_split_plan`, which `gpt.data.token_files` applies to its token file, so both roads
 give the same tokens for the same input.
@@ -19,10 +19,13 @@ from typing import Any
 
 import numpy as np
 
+from ..config import FilterConfig
 from ..errors import UserError
 from ..tokenizer import Tokenizer
 
-from .text import PathLike, clean_documents, read_documents
+from .filters import DocumentFilter
+from .report import DataReport
+from .text import CleanStats, PathLike, clean_document, read_documents
 
 
 def tokenize_documents(docs: Sequence[str], tokenizer: Tokenizer) -> list[np.ndarray]:
@@ -100,18 +103,33 @@ def _take_ranges(tokens: np.ndarray, ranges: Sequence[tuple[int, int]]) -> np.nd
 
 
 def load_text_corpus(
-    path: PathLike, tokenizer: Tokenizer, val_fraction: float, *, seed: int = 0
+    path: PathLike, tokenizer: Tokenizer, val_fraction: float, *, seed: int = 0, filters: FilterConfig | None = None
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """A small corpus, read, cleaned, tokenized and split in memory.
+    """A small corpus, read, cleaned, filtered, tokenized and split in memory.
 
-    Returns the training and validation token streams (int32) and a summary with
-    the same keys as a prepared folder's meta.json (see `format_stats`).
+    `filters` (`gpt.data.filters`; default: FilterConfig(), exact duplicates only) decide which
+    documents stay. Returns the training and validation token streams (int32) and a summary with
+    the same keys as a prepared folder's meta.json (see `format_stats`) plus "report", the
+    `DataReport` of what the filters removed.
     """
-    docs, clean_stats = clean_documents(read_documents(path))
-    if not docs:
-        raise UserError(f"{path}: no text left after cleaning ({clean_stats.read} documents, all empty or duplicates)")
-    doc_tokens = tokenize_documents(docs, tokenizer)
+    filters = filters or FilterConfig()
+    doc_filter = DocumentFilter(filters)
+    report = DataReport(stages=tuple(doc_filter.reasons))
+    verdicts = [doc_filter.apply(clean_document(doc)) for doc in read_documents(path)]
+    all_tokens = tokenize_documents([text for text, _ in verdicts], tokenizer)
+    doc_tokens = []
+    for (text, reason), tokens in zip(verdicts, all_tokens):
+        report.add_document(reason, len(tokens))
+        if reason is None:
+            doc_tokens.append(tokens)
+        else:
+            report.add_example(reason, text)
+    if not doc_tokens:
+        removed = ", ".join(f"{count:,} {reason}" for reason, count in report.removed_documents.items())
+        raise UserError(f"{path}: no text left after cleaning and filtering ({report.documents_read} documents: "
+                        f"{removed})")
     train, val, mode = _split_joined(doc_tokens, val_fraction, tokenizer.eot_id, seed)
+    removed = dict(report.removed_documents)
     stats = {
         "source": str(path),
         "tokenizer": tokenizer.name,
@@ -119,8 +137,11 @@ def load_text_corpus(
         "val_fraction": val_fraction,
         "train_tokens": len(train),
         "val_tokens": len(val),
-        "documents": asdict(clean_stats),
+        "documents": asdict(CleanStats(read=report.documents_read, empty=removed.pop("empty", 0),
+                                       duplicate=removed.pop("duplicate", 0), kept=len(doc_tokens),
+                                       filtered=removed)),
         "document_tokens": dataset_stats([len(t) for t in doc_tokens]),
+        "report": report,
     }
     return train, val, stats
 
@@ -151,10 +172,11 @@ def format_stats(summary: dict[str, Any]) -> str:
     docs, lengths = summary["documents"], summary["document_tokens"]
     total = summary["train_tokens"] + summary["val_tokens"]
     split = ("whole documents" if summary["split"] == "documents" else "the tail of the token stream")
+    filtered = "".join(f"{count:,} {reason}, " for reason, count in docs.get("filtered", {}).items())
     return "\n".join([
         f"source:     {summary['source']} (tokenizer {summary['tokenizer']})",
         f"documents:  {docs['read']:,} read, {docs['empty']:,} empty, {docs['duplicate']:,} duplicate, "
-        f"{docs['kept']:,} kept",
+        f"{filtered}{docs['kept']:,} kept",
         f"tokens:     {total:,} = {summary['train_tokens']:,} train + {summary['val_tokens']:,} val "
         f"(val_fraction {summary['val_fraction']} of {split}; <|endoftext|> after each document)",
         f"per doc:    min {lengths['min']:,}, median {lengths['median']:,.0f}, mean {lengths['mean']:,.1f}, "

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..config import FilterConfig
 from ..errors import UserError
 from ..tokenizer import Tokenizer
 from .corpus import load_text_corpus
@@ -73,7 +74,7 @@ class SlidingWindowDataset(Dataset):
 
 
 class TokenFileDataset(SlidingWindowDataset):
-    """Windows over a uint16 token file written by `prepare`, read through a memory map.
+    """Windows over a token file written by `prepare` (uint16 ids, or `dtype`), read through a memory map.
 
     Windows sit `stride` tokens apart, `context_length` by default: each token is
     an input once (windows overlap only by the one target token). The windows are
@@ -82,14 +83,15 @@ class TokenFileDataset(SlidingWindowDataset):
     """
 
     def __init__(self, path: PathLike, context_length: int, stride: int | None = None, *,
-                 max_tokens: int = 0) -> None:
+                 max_tokens: int = 0, dtype: str = "uint16") -> None:
         path = Path(path)
         if not path.is_file():
             raise UserError(f"{path}: no such token file (write one with `python -m gpt prepare`)")
         size = path.stat().st_size
-        if size % 2:
-            raise UserError(f"{path}: {size} bytes is not a whole number of uint16 tokens")
-        tokens = np.memmap(path, dtype=np.uint16, mode="r") if size else np.zeros(0, dtype=np.uint16)
+        itemsize = np.dtype(dtype).itemsize
+        if size % itemsize:
+            raise UserError(f"{path}: {size} bytes is not a whole number of {dtype} tokens")
+        tokens = np.memmap(path, dtype=dtype, mode="r") if size else np.zeros(0, dtype=dtype)
         super().__init__(first_tokens(tokens, max_tokens, str(path)), context_length, stride or context_length,
                          name=str(path))
         self.path = path
@@ -104,6 +106,7 @@ def first_tokens(tokens: np.ndarray, count: int, name: str) -> np.ndarray:
 
 def pretraining_windows(path: PathLike, context_length: int, tokenizer: Tokenizer, val_fraction: float,
                         stride: int = 0, vocab_size: int | None = None, train_tokens: int = 0,
+                        filters: FilterConfig | None = None, verbose: bool = False,
                         ) -> tuple[SlidingWindowDataset, SlidingWindowDataset]:
     """Training and validation windows for pretraining: from the token files of a prepared folder
     (train.bin, val.bin), or from text read and split in memory (`load_text_corpus`).
@@ -113,14 +116,18 @@ def pretraining_windows(path: PathLike, context_length: int, tokenizer: Tokenize
     come from the first `train_tokens` tokens of the training split (0: all of them);
     validation windows never overlap, so each validation token is scored once. A prepared
     folder's meta.json must name `tokenizer` and ids below `vocab_size`, the model's
-    vocabulary (default: the tokenizer's).
+    vocabulary (default: the tokenizer's). Text goes through `filters` (`gpt.data.filters`; default:
+    exact duplicates only; `verbose` prints what they removed); a prepared folder was filtered when
+    `prepare` wrote it (its data_report.md says how).
     """
     path = Path(path)
     if path.is_dir() and (path / "train.bin").exists():
-        check_token_meta(path, tokenizer.name, vocab_size or tokenizer.n_vocab)
-        return (TokenFileDataset(path / "train.bin", context_length, max_tokens=train_tokens),
-                TokenFileDataset(path / "val.bin", context_length))
-    train_split, val_split, _ = load_text_corpus(path, tokenizer, val_fraction)
+        meta = check_token_meta(path, tokenizer.name, vocab_size or tokenizer.n_vocab)
+        return (TokenFileDataset(path / "train.bin", context_length, max_tokens=train_tokens, dtype=meta["dtype"]),
+                TokenFileDataset(path / "val.bin", context_length, dtype=meta["dtype"]))
+    train_split, val_split, summary = load_text_corpus(path, tokenizer, val_fraction, filters=filters)
+    if verbose:
+        print(summary["report"].removed_line())
     train_split = first_tokens(train_split, train_tokens, "the training split")
     return (SlidingWindowDataset(train_split, context_length, stride or context_length, name="the training split"),
             SlidingWindowDataset(val_split, context_length, context_length, name="the validation split"))

@@ -18,7 +18,7 @@ import codecs
 import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
@@ -169,12 +169,14 @@ _GUTENBERG_END = re.compile(r"^\*\*\* ?END OF", re.MULTILINE)
 
 @dataclass
 class CleanStats:
-    """How many documents were read, found empty, found duplicate, and kept."""
+    """How many documents were read, found empty, found duplicate, removed by another filter (by reason,
+    `gpt.data.filters`), and kept."""
 
     read: int = 0
     empty: int = 0
     duplicate: int = 0
     kept: int = 0
+    filtered: dict[str, int] = field(default_factory=dict)
 
 
 def clean_documents(docs: Iterable[str], *, piece_chars: int = DEFAULT_PIECE_CHARS) -> tuple[list[str], CleanStats]:
