@@ -20,6 +20,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "quantize": ("gpt.quantize.cli:quantize_cli", "int8/int4 weight-only quantization, written as a folder every verb loads"),
     "prune": ("gpt.prune:prune_cli", "magnitude pruning (unstructured or 2:4), with an optional recovery fine-tune"),
     "prepare": ("gpt.data.token_files:prepare_cli", "tokenize a large corpus into uint16 token files for pretraining"),
+    "train-tokenizer": ("gpt.train_tokenizer:train_tokenizer_cli", "train a byte-level BPE vocabulary on your own text"),
     "fetch": ("gpt.fetch:fetch_cli", "download a known pretrained model into the local cache (explicit, once)"),
     "classify": ("gpt.classifier:classify_cli", "label texts with a classifier from finetune_classifier.py"),
     "serve": ("gpt.serve.cli:serve_cli", "serve a model over HTTP: OpenAI-compatible API and a chat page"),
@@ -35,8 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: python -m gpt <verb> [options]   (python -m gpt <verb> --help for details)\n\nverbs:")
+        width = max(map(len, VERBS))
         for verb, (_, description) in VERBS.items():
-            print(f"  {verb:<10} {description}")
+            print(f"  {verb:<{width}} {description}")
         return 0 if argv else 2
     verb, rest = argv[0], argv[1:]
     if verb not in VERBS:

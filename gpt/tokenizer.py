@@ -1,6 +1,6 @@
-"""Byte-level BPE tokenizers: GPT-2's, and the one stored inside a GGUF model file.
+"""Byte-level BPE tokenizers: GPT-2's, raw bytes, a trained one, and the one inside a GGUF model file.
 
-Both are the same algorithm. Text is first cut into pieces by a regular
+All are the same algorithm. Text is first cut into pieces by a regular
 expression (the pre-tokenizer: words with their leading space, runs of digits,
 punctuation, whitespace), each piece becomes its UTF-8 bytes, and adjacent
 pieces of bytes are merged, most frequent pair first, until no learned merge
@@ -10,6 +10,18 @@ tables:
 * GPT-2 (`get_tokenizer("gpt2")`): the ranks file shipped in `gpt/assets/`
   (`base64(token) rank` per line, identical to tiktoken's `r50k_base`), GPT-2's
   pre-tokenizer and the special token `<|endoftext|>` = 50256. No network.
+* Bytes (`get_tokenizer("bytes")`): every byte is a token of its own (ids
+  0..255 are the byte values) and 256 is `<|endoftext|>`: no merges at all, for
+  the character-level model a learner trains first (one token per character of ASCII).
+* A tokenizer folder (`get_tokenizer("tok/")`, written by `python -m gpt
+  train-tokenizer`): `tokenizer.tiktoken` holds the ranks (`base64(token) rank`
+  per line, ranks 0..n-1 are the ids) and `special_tokens.json` the rest:
+
+      {"pattern": "<pre-tokenizer regex>", "special_tokens": {"<|endoftext|>": 4094, "<|pad|>": 4095},
+       "bos": "<|endoftext|>", "eot": "<|endoftext|>", "pad": "<|pad|>", "chat_template": null}
+
+  Special ids follow the ranks. The tokenizer's name is the folder's absolute
+  path, so a checkpoint that records it finds the folder from any directory.
 * A GGUF file (`get_tokenizer("model.gguf")` or a known model name from
   `gpt.fetch`): the vocabulary, merges and token types from the file's
   `tokenizer.ggml.*` metadata. tiktoken wants each token's *rank* (its merge
@@ -32,6 +44,7 @@ from __future__ import annotations
 import base64
 import codecs
 import functools
+import json
 import os
 from collections.abc import Iterable, Sequence, Set
 from importlib import resources
@@ -43,6 +56,7 @@ import tiktoken
 
 from .errors import UserError
 from .fetch import KNOWN_MODELS, resolve_model
+from .files import write_json, write_text
 from .gguf_file import open_gguf, read_metadata
 
 # GPT-2's pre-tokenizer: contractions, a letter run or a digit run or a
@@ -64,6 +78,15 @@ GGUF_PRE_TOKENIZERS = {"gpt2": GPT2_PATTERN, "gpt-2": GPT2_PATTERN, "smollm": SM
 
 GPT2_EOT = "<|endoftext|>"
 GPT2_N_MERGEABLE = 50256
+
+# With no merges the split cannot change the ids (every byte is its own token);
+# pieces of at most 1,024 characters only keep tiktoken's work per piece small.
+BYTES_PATTERN = r"[\s\S]{1,1024}"
+
+# The two files of a tokenizer folder, and the keys of its JSON file.
+RANKS_FILE = "tokenizer.tiktoken"
+SPECIAL_TOKENS_FILE = "special_tokens.json"
+_FOLDER_KEYS = ("pattern", "special_tokens", "bos", "eot", "pad", "chat_template")
 
 # llama.cpp's token types (`tokenizer.ggml.token_type`).
 _TOKEN_NORMAL, _TOKEN_CONTROL, _TOKEN_USER_DEFINED = 1, 3, 4
@@ -183,19 +206,22 @@ class StreamDecoder:
 
 
 def get_tokenizer(name_or_path: str = "gpt2") -> Tokenizer:
-    """The tokenizer called `name_or_path`: "gpt2", a GGUF file, or a known model
-    name from `gpt.fetch.KNOWN_MODELS` (fetched on first use)."""
+    """The tokenizer called `name_or_path`: "gpt2", "bytes", a tokenizer folder
+    (from `python -m gpt train-tokenizer`), a GGUF file, or a known model name
+    from `gpt.fetch.KNOWN_MODELS` (fetched on first use)."""
     if name_or_path == "gpt2":
         return _gpt2_tokenizer()
+    if name_or_path == "bytes":
+        return _bytes_tokenizer()
     path = Path(name_or_path).expanduser()
     if not path.exists() and name_or_path not in KNOWN_MODELS:
         raise UserError(
-            f"unknown tokenizer {name_or_path!r}: expected 'gpt2', a .gguf file, "
+            f"unknown tokenizer {name_or_path!r}: expected 'gpt2', 'bytes', a tokenizer folder, a .gguf file, "
             f"or a known model ({', '.join(sorted(KNOWN_MODELS))})"
         )
     path = resolve_model(name_or_path).resolve()
     if path.is_dir():
-        raise UserError(f"{path} is a folder; the tokenizer needs a .gguf file")
+        return _folder_tokenizer(path)
     stat = path.stat()
     return _gguf_tokenizer(str(path), stat.st_mtime_ns, stat.st_size)
 
@@ -231,6 +257,151 @@ def _gpt2_tokenizer() -> Tokenizer:
         bytes_of_id[rank] = token
     bytes_of_id[eot_id] = GPT2_EOT.encode()
     return Tokenizer("gpt2", encoding, bytes_of_id, {GPT2_EOT: eot_id}, eot_id=eot_id, bos_id=eot_id)
+
+
+# --- bytes ---------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1)
+def _bytes_tokenizer() -> Tokenizer:
+    byte_tokens = [bytes([byte]) for byte in range(256)]
+    eot_id = len(byte_tokens)
+    ranks = {token: byte for byte, token in enumerate(byte_tokens)}
+    special_tokens = {GPT2_EOT: eot_id}
+    encoding = tiktoken.Encoding("bytes", pat_str=BYTES_PATTERN, mergeable_ranks=ranks, special_tokens=special_tokens)
+    bytes_of_id = [*byte_tokens, GPT2_EOT.encode()]
+    return Tokenizer("bytes", encoding, bytes_of_id, special_tokens, eot_id=eot_id, bos_id=eot_id)
+
+
+# --- a tokenizer folder --------------------------------------------------------
+
+
+def write_tokenizer_folder(
+    out_dir: str | os.PathLike[str],
+    ranks: dict[bytes, int],
+    pattern: str,
+    special_tokens: Sequence[str],
+    eot: str,
+    bos: str | None = None,
+    pad: str | None = None,
+    chat_template: str | None = None,
+) -> Path:
+    """Write a tokenizer folder that `get_tokenizer` loads; returns its absolute path.
+
+    `ranks` are the mergeable tokens (ranks 0..n-1, which are their ids); the
+    special tokens take ids n, n+1, ... in the order given. Both files are
+    written atomically.
+    """
+    out_dir = Path(out_dir).resolve()
+    by_rank = sorted(ranks.items(), key=lambda item: item[1])
+    lines = [f"{base64.b64encode(token).decode('ascii')} {rank}\n" for token, rank in by_rank]
+    first_special = len(ranks)
+    settings = {
+        "pattern": pattern,
+        "special_tokens": {token: first_special + n for n, token in enumerate(special_tokens)},
+        "bos": bos,
+        "eot": eot,
+        "pad": pad,
+        "chat_template": chat_template,
+    }
+    write_text(out_dir / RANKS_FILE, "".join(lines))
+    write_json(out_dir / SPECIAL_TOKENS_FILE, settings, ensure_ascii=False)
+    return out_dir
+
+
+def _folder_tokenizer(path: Path) -> Tokenizer:
+    """The tokenizer of a folder holding `tokenizer.tiktoken` and `special_tokens.json`."""
+    ranks_path, settings_path = path / RANKS_FILE, path / SPECIAL_TOKENS_FILE
+    if not ranks_path.is_file() and not settings_path.is_file():
+        raise UserError(
+            f"{path} is a folder without {RANKS_FILE} and {SPECIAL_TOKENS_FILE}, so not a tokenizer folder "
+            "(`python -m gpt train-tokenizer` writes one); for any other model the tokenizer comes from its .gguf file"
+        )
+    for required in (ranks_path, settings_path):
+        if not required.is_file():
+            raise UserError(f"{required}: no such file; a tokenizer folder holds both {RANKS_FILE} "
+                            f"and {SPECIAL_TOKENS_FILE}")
+    stats = ranks_path.stat(), settings_path.stat()
+    return _cached_folder_tokenizer(str(path), tuple((stat.st_mtime_ns, stat.st_size) for stat in stats))
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_folder_tokenizer(path_str: str, file_stats: tuple[tuple[int, int], ...]) -> Tokenizer:
+    """Build a folder's tokenizer (cached on the path and both files' mtime and size)."""
+    path = Path(path_str)
+    ranks_path, settings_path = path / RANKS_FILE, path / SPECIAL_TOKENS_FILE
+    ranks = load_tiktoken_ranks(ranks_path)
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise UserError(f"{ranks_path}: the ranks must be 0..{len(ranks) - 1}, each once (they are the token ids)")
+    missing_bytes = [byte for byte in range(256) if bytes([byte]) not in ranks]
+    if missing_bytes:
+        raise UserError(f"{ranks_path}: every single byte needs a rank; byte 0x{missing_bytes[0]:02x} has none")
+    settings = _read_folder_settings(settings_path, first_special=len(ranks))
+    special_tokens: dict[str, int] = settings["special_tokens"]
+    try:
+        encoding = tiktoken.Encoding(
+            path.name, pat_str=settings["pattern"], mergeable_ranks=ranks, special_tokens=special_tokens
+        )
+    except ValueError as err:
+        raise UserError(f"{settings_path}: \"pattern\" is not a regular expression tiktoken accepts: {err}") from None
+    bytes_of_id = [b""] * (len(ranks) + len(special_tokens))
+    for token, rank in ranks.items():
+        bytes_of_id[rank] = token
+    for token, token_id in special_tokens.items():
+        bytes_of_id[token_id] = token.encode("utf-8")
+
+    def id_of(role: str) -> int | None:
+        return None if settings[role] is None else special_tokens[settings[role]]
+
+    return Tokenizer(
+        path_str,
+        encoding,
+        bytes_of_id,
+        special_tokens,
+        eot_id=special_tokens[settings["eot"]],
+        bos_id=id_of("bos"),
+        pad_id=id_of("pad"),
+        chat_template=settings["chat_template"],
+    )
+
+
+def _read_folder_settings(path: Path, first_special: int) -> dict[str, Any]:
+    """`special_tokens.json`, checked: special ids are first_special, first_special + 1, ... and the
+    bos/eot/pad roles name special tokens."""
+    try:
+        settings = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: cannot read: {err}") from None
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}, line {err.lineno}, column {err.colno}: not valid JSON ({err.msg})") from None
+    if not isinstance(settings, dict):
+        raise UserError(f"{path}: expected a JSON object with the keys {', '.join(_FOLDER_KEYS)}")
+    unknown = sorted(settings.keys() - set(_FOLDER_KEYS))
+    if unknown:
+        raise UserError(f"{path}: unknown key(s) {unknown}; known: {', '.join(_FOLDER_KEYS)}")
+    settings = {"bos": None, "pad": None, "chat_template": None, **settings}
+    for key in ("pattern", "special_tokens", "eot"):
+        if key not in settings:
+            raise UserError(f"{path}: missing {key!r}")
+    if not isinstance(settings["pattern"], str) or not settings["pattern"]:
+        raise UserError(f"{path}: \"pattern\" must be a non-empty string (the pre-tokenizer's regular expression)")
+    special_tokens = settings["special_tokens"]
+    if not isinstance(special_tokens, dict) or not special_tokens or not all(
+        isinstance(token, str) and token and type(token_id) is int for token, token_id in special_tokens.items()
+    ):
+        raise UserError(f"{path}: \"special_tokens\" must be a non-empty object of token text -> integer id")
+    expected_ids = list(range(first_special, first_special + len(special_tokens)))
+    if sorted(special_tokens.values()) != expected_ids:
+        raise UserError(
+            f"{path}: the special token ids must follow the {first_special} ranks of {RANKS_FILE}, "
+            f"i.e. be {first_special}..{expected_ids[-1]}, got {sorted(special_tokens.values())}"
+        )
+    for role in ("bos", "eot", "pad"):
+        if settings[role] is not None and (not isinstance(settings[role], str) or settings[role] not in special_tokens):
+            raise UserError(f"{path}: {role!r} is {settings[role]!r}, which is not one of \"special_tokens\"")
+    if settings["chat_template"] is not None and not isinstance(settings["chat_template"], str):
+        raise UserError(f"{path}: \"chat_template\" must be a string (a Jinja template) or null")
+    return settings
 
 
 # --- GGUF ----------------------------------------------------------------------

@@ -104,6 +104,7 @@ def convert_cli(argv: list[str]) -> int:
     refuse_run_folder(out_dir, "--out")  # its config.json is the run's, not a Hugging Face one
 
     model, tokenizer_source = _load_with_tokenizer_source(kind, src)
+    _refuse_unexportable_tokenizer(tokenizer_source, "a Hugging Face folder")
     architecture = HF_CLASS[hf_family(model.config)]  # refuses a model transformers has no class for, before writing
     out_dir.mkdir(parents=True, exist_ok=True)
     bos_id, eos_id, tokenizer_note = _write_tokenizer(kind, src, tokenizer_source, model, out_dir)
@@ -150,6 +151,13 @@ def _write_tokenizer(
     return written.bos_id, written.eos_id, note
 
 
+def _refuse_unexportable_tokenizer(tokenizer_name: str | None, target: str) -> None:
+    """The byte tokenizer and trained tokenizer folders have no exporter yet: say so before writing anything."""
+    if tokenizer_name is not None and (tokenizer_name == "bytes" or Path(tokenizer_name).is_dir()):
+        raise UserError(f"exporting a model with the tokenizer {tokenizer_name!r} as {target} is not supported yet; "
+                        "only GPT-2's tokenizer and GGUF tokenizers can be written")
+
+
 def _gguf_of_tokenizer_name(name: str | None) -> Path | None:
     """The GGUF file a checkpoint's tokenizer name points to (a path or a known model name), if any."""
     if name is None:
@@ -180,6 +188,7 @@ def _convert_to_gguf(args: argparse.Namespace) -> int:
         raise UserError(f"--out {out_path}: a GGUF file's name should end in .gguf (llama.cpp and Ollama expect it)")
 
     loaded = load_model_and_tokenizer(args.src)
+    _refuse_unexportable_tokenizer(loaded.tokenizer_name, "GGUF")
     model = loaded.model.eval()
     gguf_architecture(model.config)  # refuses a model llama.cpp cannot run, before the tokenizer work
     tokenizer = _tokenizer_metadata(loaded, model.config.vocab_size)
