@@ -32,6 +32,7 @@ import unicodedata
 import warnings
 import zlib
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -495,23 +496,41 @@ class NearDuplicateIndex:
             signature.update_batch(hashes[start: start + _BATCH].tolist())
         return signature
 
-    def is_near_duplicate(self, text: str) -> bool:
-        """Whether `text` is a near-duplicate of a document kept before; if not (and it has a
-        word), it is kept: added to the index, so the first of each cluster stays."""
-        if not text.strip():
-            return False
-        signature = self.minhash(text)
-        for key in self._lsh.query(signature):
-            if np.mean(signature.hashvalues == self._signatures[key]) >= self.threshold:
+    def signature(self, text: str) -> np.ndarray:
+        """The MinHash values of `text` (num_perm,): what `add_unless_near_duplicate` compares. A function of
+        the text alone, so worker processes can compute it."""
+        return self.minhash(text).hashvalues
+
+    def add_unless_near_duplicate(self, signature: np.ndarray) -> bool:
+        """Whether the document of `signature` is a near-duplicate of one kept before; if not, it is kept:
+        added to the index, so the first of each cluster stays."""
+        query = self._empty.copy()
+        query.hashvalues = signature
+        for key in self._lsh.query(query):
+            if np.mean(signature == self._signatures[key]) >= self.threshold:
                 return True
-        self._lsh.insert(len(self._signatures), signature)
-        self._signatures.append(signature.hashvalues)
+        self._lsh.insert(len(self._signatures), query)
+        self._signatures.append(signature)
         return False
+
+    def is_near_duplicate(self, text: str) -> bool:
+        """`add_unless_near_duplicate` of `text`'s signature; a text without a word is never one (nor kept)."""
+        return bool(text.strip()) and self.add_unless_near_duplicate(self.signature(text))
 
 
 # ----------------------------------------------------------------------------
 # The pipeline
 # ----------------------------------------------------------------------------
+
+
+@dataclass
+class Examined:
+    """What `DocumentFilter.examine` finds in one document on its own, before comparing it with others."""
+
+    text: str  # normalized, stripped of surrounding whitespace
+    digest: bytes  # BLAKE2b (16 bytes) of the text: exact duplicates
+    failure: str | None  # "empty", a quality rule or "blocklist": what the document fails by itself
+    signature: np.ndarray | None  # MinHash values (data.near_dedup on and nothing failed)
 
 
 class DocumentFilter:
@@ -520,7 +539,10 @@ class DocumentFilter:
 
     `apply` takes a cleaned document (`gpt.data.text.clean_document`) and returns its
     normalized text, stripped of surrounding whitespace, and the reason to drop it (one of
-    `reasons`) or None to keep it.
+    `reasons`) or None to keep it. It is two steps, which `prepare` runs apart: `examine`
+    does everything that needs only the document (normalizing, the quality rules, the
+    blocklist, the MinHash signature), in worker processes; `decide` compares with the
+    documents before it (exact and near duplicates), in order, in the main process.
     """
 
     def __init__(self, cfg: FilterConfig) -> None:
@@ -556,20 +578,35 @@ class DocumentFilter:
         self._digests.add(digest)
         return False
 
-    def apply(self, text: str) -> tuple[str, str | None]:
-        """(the normalized document, the reason to drop it or None to keep it)."""
+    def examine(self, text: str) -> Examined:
+        """The checks of one document that need no other document (see `Examined`)."""
         text = self._normalize(text).strip(_WHITESPACE)
+        digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+        failure = None
         if not text:
-            return text, "empty"
-        if self.cfg.dedup and self.seen_before(hashlib.blake2b(text.encode("utf-8", "surrogatepass"),
-                                                                digest_size=16).digest()):
-            return text, "duplicate"
-        if self.cfg.quality:
+            failure = "empty"
+        elif self.cfg.quality:
             failure = quality_failure(text, self.cfg)
-            if failure:
-                return text, failure
-        if self._blocklist is not None and self._blocklist.search(text):
-            return text, "blocklist"
-        if self._near_duplicates is not None and self._near_duplicates.is_near_duplicate(text):
-            return text, "near_duplicate"
-        return text, None
+        if failure is None and self._blocklist is not None and self._blocklist.search(text):
+            failure = "blocklist"
+        signature = (self._near_duplicates.signature(text)
+                     if failure is None and self._near_duplicates is not None else None)
+        return Examined(text, digest, failure, signature)
+
+    def decide(self, examined: Examined) -> str | None:
+        """The reason to drop an examined document, or None to keep it; call in document order."""
+        if examined.failure == "empty":
+            return "empty"
+        if self.cfg.dedup and self.seen_before(examined.digest):
+            return "duplicate"
+        if examined.failure is not None:
+            return examined.failure
+        if examined.signature is not None and self._near_duplicates is not None \
+                and self._near_duplicates.add_unless_near_duplicate(examined.signature):
+            return "near_duplicate"
+        return None
+
+    def apply(self, text: str) -> tuple[str, str | None]:
+        """(the normalized document, the reason to drop it or None to keep it): `decide` of `examine`."""
+        examined = self.examine(text)
+        return examined.text, self.decide(examined)

@@ -4,16 +4,19 @@
     # -> data/corpus-gpt2/train.bin and val.bin (token ids), meta.json, data_report.md/.json, doc_lengths.png
 
 The flow: `gpt.data.text` reads each document in blocks and cleans it in pieces;
-`_tokenize_tasks` bundles the pieces into tasks and decides each document's fate with a
-`DocumentFilter` (`gpt.data.filters`: exact duplicates by default; near-duplicates,
-quality rules, a blocklist, PII scrubbing and normalizations when the FilterConfig says
-so: then a document is held whole, the filters needing all of it); worker processes
-(`_tokenize_task`) tokenize the tasks, in order, into one temporary token stream with
-<|endoftext|> after each document; a dropped document is tokenized too (the report counts
-its tokens) and then taken back out of the stream. `_split_plan` of `gpt.data.corpus` cuts
-the stream into train.bin and val.bin. The files hold exactly the tokens `load_text_corpus`
-would give for the same input and filters; `TokenFileDataset` (`gpt.data.loader`) reads
-them through a memory map. Ids are uint16, or uint32 for a vocabulary of more than 65,536.
+`_tokenize_tasks` bundles the pieces into tasks; worker processes (`_tokenize_task`)
+tokenize the tasks, in order, into one temporary token stream with <|endoftext|> after each
+document. A `DocumentFilter` (`gpt.data.filters`) decides each document's fate. By default
+(exact duplicates only) a document streams in pieces and its hash decides at its end. Any
+other filter (near-duplicates, quality rules, a blocklist, PII scrubbing, normalizations)
+needs the document whole: it goes to a worker in one piece, the worker examines it (normalizes,
+runs the quality rules and the blocklist, computes its MinHash signature) and tokenizes the
+normalized text, and the main process, in document order, decides against the documents before
+it (exact and near duplicates). A dropped document is tokenized too (the report counts its
+tokens), then taken back out of the stream. `_split_plan` of `gpt.data.corpus` cuts the stream
+into train.bin and val.bin. The files hold exactly the tokens `load_text_corpus` would give for
+the same input and filters; `TokenFileDataset` (`gpt.data.loader`) reads them through a memory
+map. Ids are uint16, or uint32 for a vocabulary of more than 65,536.
 
 Every run fills a `DataReport` (`gpt.data.report`): what each filter removed, examples,
 document-length histograms, the most frequent tokens and the split; `prepare` writes it
@@ -32,9 +35,10 @@ import json
 import multiprocessing
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -48,8 +52,8 @@ from ..files import atomic_write, write_json
 from ..tokenizer import Tokenizer, get_tokenizer
 
 from .corpus import _split_plan, dataset_stats, format_stats
-from .filters import DocumentFilter
-from .report import DataReport, format_report, text_histogram, top_tokens, write_report
+from .filters import DocumentFilter, Examined
+from .report import EXAMPLE_CHARS, DataReport, format_report, text_histogram, top_tokens, write_report
 from .text import (
     DEFAULT_BLOCK_BYTES,
     DEFAULT_PIECE_CHARS,
@@ -58,12 +62,12 @@ from .text import (
     _clean_pieces,
     _iter_raw_documents,
     _ReadProgress,
-    _split_pieces,
     source_files,
 )
 
 TOKEN_DTYPES = (np.uint16, np.uint32)
-_COPY_TOKENS = 1 << 24  # tokens copied (or counted) at a time from the stream
+_COPY_TOKENS = 1 << 24  # tokens copied at a time from the stream to train.bin / val.bin
+_COUNT_TOKENS = 1 << 22  # tokens counted at a time (bincount widens them to 64 bits)
 
 
 def token_dtype(n_vocab: int) -> type[np.unsignedinteger]:
@@ -76,78 +80,81 @@ class _PieceEnd(enum.IntEnum):
 
     MORE = 0  # more pieces of the same document
     KEEP = 1  # the document ends here: append <|endoftext|>
-    DROP = 2  # the document ends here and a filter removes it: count its tokens, then take them back out
+    DROP = 2  # the document ends here and repeats an earlier one: count its tokens, then take them back out
+    WHOLE = 3  # a whole document for the filters: the worker examines it, the main process decides its fate
 
 
-# A task for a worker: pieces (text, what follows it, the drop reason or ""), and source bytes read so far.
-_Piece = tuple[str, _PieceEnd, str]
-_Task = tuple[list[_Piece], int]
+# A task for a worker: pieces with what follows each, and source bytes read so far.
+_Task = tuple[list[tuple[str, _PieceEnd]], int]
+# A worker's result for one piece: its tokens, what follows it, and for WHOLE what the filters found.
+_Tokenized = tuple[np.ndarray, _PieceEnd, Examined | None]
 
 _worker_tokenizer: Tokenizer | None = None
+_worker_filter: DocumentFilter | None = None
 
 
-def _init_worker(tokenizer_name: str) -> None:
-    global _worker_tokenizer
+def _init_worker(tokenizer_name: str, filters: FilterConfig) -> None:
+    global _worker_tokenizer, _worker_filter
     _worker_tokenizer = get_tokenizer(tokenizer_name)
+    _worker_filter = DocumentFilter(filters)
 
 
-def _tokenize_task(task: _Task) -> tuple[list[tuple[np.ndarray, _PieceEnd, str]], int]:
-    """Tokenize a task's pieces (in a worker process); a document's last piece gets <|endoftext|>."""
+def _tokenize_task(task: _Task) -> tuple[list[_Tokenized], int]:
+    """Tokenize a task's pieces (in a worker process); a document's last piece gets <|endoftext|>. A WHOLE
+    document is examined first (`DocumentFilter.examine`) and its normalized text tokenized; its Examined
+    comes back with the text cut to an example's length."""
     pieces, bytes_read = task
-    assert _worker_tokenizer is not None, "_init_worker sets the tokenizer"
+    assert _worker_tokenizer is not None and _worker_filter is not None, "_init_worker sets them"
     dtype = token_dtype(_worker_tokenizer.n_vocab)
-    results = []
-    for text, end, reason in pieces:
+    results: list[_Tokenized] = []
+    for text, end in pieces:
+        examined = None
+        if end is _PieceEnd.WHOLE:
+            examined = _worker_filter.examine(text)
+            text = examined.text
+            examined = replace(examined, text=text[: EXAMPLE_CHARS + 1])
         ids = _worker_tokenizer.encode(text)
         if end is not _PieceEnd.MORE:
             ids.append(_worker_tokenizer.eot_id)
-        results.append((np.asarray(ids, dtype=dtype), end, reason))
+        results.append((np.asarray(ids, dtype=dtype), end, examined))
     return results, bytes_read
 
 
 def _document_pieces(blocks: Iterator[str], doc_filter: DocumentFilter, report: DataReport,
-                     piece_chars: int) -> Iterator[_Piece]:
-    """One document's cleaned pieces, its last one marked KEEP or DROP (with the reason); nothing for an
-    empty document, which goes straight into the report.
+                     piece_chars: int) -> Iterator[tuple[str, _PieceEnd]]:
+    """One document, cleaned, as pieces for the workers.
 
-    By default (only exact deduplication) the pieces stream, and the document's hash, complete at its end,
-    decides. Any other filter needs the document whole: it is joined, filtered and cut into pieces again.
+    With any filter beyond exact deduplication, the document goes whole (WHOLE), the filters needing all of
+    it. By default it streams in pieces of about `piece_chars`, its last marked KEEP, or DROP when its hash
+    (complete at its end) repeats an earlier document's; an empty document sends nothing and goes straight
+    into the report.
     """
     if doc_filter.active:
-        text, reason = doc_filter.apply("".join(_clean_pieces(blocks, piece_chars)))
-        pieces: Iterator[str] = _split_pieces((text,), piece_chars) if reason != "empty" else iter(())
-    else:
-        digest = hashlib.blake2b(digest_size=16)
-        pieces = _hashed(_clean_pieces(blocks, piece_chars), digest)
-        reason = None
+        yield "".join(_clean_pieces(blocks, piece_chars)), _PieceEnd.WHOLE
+        return
+    digest = hashlib.blake2b(digest_size=16)
     first_piece = last_piece = None
-    for piece in pieces:
+    for piece in _clean_pieces(blocks, piece_chars):
+        digest.update(piece.encode("utf-8"))
         if last_piece is not None:
-            yield last_piece, _PieceEnd.MORE, ""
+            yield last_piece, _PieceEnd.MORE
         first_piece = first_piece or piece
         last_piece = piece
     if last_piece is None:
         report.add_document("empty", 0)
         return
-    if not doc_filter.active:
-        reason = "duplicate" if doc_filter.cfg.dedup and doc_filter.seen_before(digest.digest()) else None
-    if reason is not None:
-        report.add_example(reason, text if doc_filter.active else first_piece)
-    yield last_piece, (_PieceEnd.KEEP if reason is None else _PieceEnd.DROP), reason or ""
-
-
-def _hashed(pieces: Iterator[str], digest: Any) -> Iterator[str]:
-    """`pieces` as they come, each fed to `digest` on the way."""
-    for piece in pieces:
-        digest.update(piece.encode("utf-8"))
-        yield piece
+    if doc_filter.cfg.dedup and doc_filter.seen_before(digest.digest()):
+        report.add_example("duplicate", first_piece)
+        yield last_piece, _PieceEnd.DROP
+    else:
+        yield last_piece, _PieceEnd.KEEP
 
 
 def _tokenize_tasks(files: Sequence[Path], progress: _ReadProgress, doc_filter: DocumentFilter, report: DataReport,
                     piece_chars: int, block_bytes: int) -> Iterator[_Task]:
-    """Every document of `files`, cleaned, filtered and cut into pieces, bundled into tasks of about
-    `piece_chars` characters."""
-    pieces: list[_Piece] = []
+    """Every document of `files`, cleaned and cut into pieces (`_document_pieces`), bundled into tasks of
+    about `piece_chars` characters."""
+    pieces: list[tuple[str, _PieceEnd]] = []
     chars = 0
     for blocks in _iter_raw_documents(files, progress, block_bytes):
         for piece in _document_pieces(blocks, doc_filter, report, piece_chars):
@@ -160,35 +167,68 @@ def _tokenize_tasks(files: Sequence[Path], progress: _ReadProgress, doc_filter: 
         yield pieces, progress.bytes_read
 
 
+class _Throttle:
+    """At most `limit` tasks in flight. Pool.imap reads its tasks as fast as it can, which is faster than the
+    workers tokenize: without a limit, the whole corpus would wait in memory."""
+
+    def __init__(self, limit: int) -> None:
+        self._slots = threading.Semaphore(limit)
+        self._closed = False
+
+    def feed(self, tasks: Iterator[_Task]) -> Iterator[_Task]:
+        for task in tasks:
+            self._slots.acquire()
+            if self._closed:
+                return
+            yield task
+
+    def done(self) -> None:
+        """One task's result has been used: its slot is free."""
+        self._slots.release()
+
+    def close(self) -> None:
+        """Stop feeding (and wake a feeder waiting for a slot, so that the pool can shut down)."""
+        self._closed = True
+        self._slots.release()
+
+
 def _tokenize_to_stream(files: Sequence[Path], stream_path: Path, tokenizer_name: str, workers: int,
                         total_bytes: int, doc_filter: DocumentFilter, report: DataReport, piece_chars: int,
                         block_bytes: int) -> None:
     """Write every kept document's tokens, each followed by <|endoftext|>, to `stream_path` in source order,
     telling `report` each document's fate and token count (end-of-text not counted)."""
     progress = _ReadProgress()
-    tasks = _tokenize_tasks(files, progress, doc_filter, report, piece_chars, block_bytes)
+    throttle = _Throttle(4 * workers)
+    tasks = throttle.feed(_tokenize_tasks(files, progress, doc_filter, report, piece_chars, block_bytes))
     with contextlib.ExitStack() as stack:
         if workers > 1:
-            pool = stack.enter_context(multiprocessing.Pool(workers, _init_worker, (tokenizer_name,)))
+            pool = stack.enter_context(multiprocessing.Pool(workers, _init_worker, (tokenizer_name, doc_filter.cfg)))
+            stack.callback(throttle.close)  # before the pool's exit, which waits for the feeding thread
             results = pool.imap(_tokenize_task, tasks)  # in task order, whichever worker finishes first
         else:
-            _init_worker(tokenizer_name)
+            _init_worker(tokenizer_name, doc_filter.cfg)
             results = map(_tokenize_task, tasks)
         stream = stack.enter_context(open(stream_path, "wb"))
         bar = stack.enter_context(tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing", disable=None))
         doc_start = written = 0  # in tokens
         for tokenized, bytes_read in results:
-            for tokens, end, reason in tokenized:
+            throttle.done()
+            for tokens, end, examined in tokenized:
                 stream.write(tokens.tobytes())
                 written += len(tokens)
-                if end is _PieceEnd.KEEP:
-                    report.add_document(None, written - doc_start - 1)
+                if end is _PieceEnd.MORE:
+                    continue
+                reason = doc_filter.decide(examined) if examined is not None else \
+                    ("duplicate" if end is _PieceEnd.DROP else None)
+                report.add_document(reason, written - doc_start - 1)
+                if reason is None:
                     doc_start = written
-                elif end is _PieceEnd.DROP:
-                    report.add_document(reason, written - doc_start - 1)
-                    stream.seek(doc_start * tokens.itemsize)
-                    stream.truncate()
-                    written = doc_start
+                    continue
+                if examined is not None:
+                    report.add_example(reason, examined.text)
+                stream.seek(doc_start * tokens.itemsize)
+                stream.truncate()
+                written = doc_start
             bar.update(bytes_read - bar.n)
         bar.update(total_bytes - bar.n)
 
@@ -196,8 +236,8 @@ def _tokenize_to_stream(files: Sequence[Path], stream_path: Path, tokenizer_name
 def _token_counts(stream: np.ndarray, n_vocab: int, eot_id: int) -> np.ndarray:
     """How often each id occurs in `stream` (read in chunks), end-of-text not counted."""
     counts = np.zeros(n_vocab, dtype=np.int64)
-    for start in range(0, len(stream), _COPY_TOKENS):
-        counts += np.bincount(stream[start : start + _COPY_TOKENS], minlength=n_vocab)[:n_vocab]
+    for start in range(0, len(stream), _COUNT_TOKENS):
+        counts += np.bincount(stream[start : start + _COUNT_TOKENS], minlength=n_vocab)[:n_vocab]
     counts[eot_id] = 0
     return counts
 
