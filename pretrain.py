@@ -253,15 +253,18 @@ def main(argv: list[str] | None = None) -> int:
         trains = set_trainable(model, train_cfg.trainable, lora)
         if runtime.is_main and lora:
             print(f"trains: {trains}; {describe_parameters(model)}")
-        task = pretrain_task(model, train_set, val_set, train_cfg, runtime, tokenizer=tokenizer_name)
+        task = pretrain_task(model, train_set, val_set, train_cfg, runtime, tokenizer=tokenizer_name,
+                             target_bytes=lambda targets: len(tokenizer.decode_bytes(targets.flatten().tolist())))
         result = train(task, train_cfg, runtime, {name: s.to_dict() for name, s in config.items()})
         runtime.leave_process_group()  # the rest is rank 0's alone
         if not runtime.is_main:
             return result.exit_code
         print(f"sample after training:  {greedy_sample(model, tokenizer, sample_cfg)!r}")
         if result.last_val:
-            print(f"final validation loss {result.last_val['loss']:.4f}, perplexity {result.last_val['ppl']:.2f} "
-                  f"(best {result.best_val_loss:.4f}); {result.steps} steps, "
+            bits = result.last_val.get("bits_per_byte")  # a run resumed from before it was recorded lacks it
+            print(f"final validation loss {result.last_val['loss']:.4f}, perplexity {result.last_val['ppl']:.2f}"
+                  + (f", bits per byte {bits:.4f}" if bits is not None else "")
+                  + f" (best {result.best_val_loss:.4f}); {result.steps} steps, "
                   f"{result.tokens_per_s:,.0f} tokens/s over {result.train_seconds:.0f} s of training")
         if result.interrupted or not (loaded or lora or reference is not None):
             return result.exit_code  # an interrupted run has said how to resume

@@ -1,6 +1,6 @@
 """What each training job hands the one training loop (`gpt.train.TrainTask`).
 
-    pretrain_task     next-token loss on token windows; validation loss and perplexity
+    pretrain_task     next-token loss on token windows; validation loss, perplexity and bits per byte
     classifier_task   cross-entropy of the class logits (optionally class-weighted);
                       validation loss, accuracy and macro F1
     instruct_task     next-token loss on the response tokens (the prompt masked or not);
@@ -12,6 +12,8 @@ the scripts stay a thin command line around these.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -37,16 +39,27 @@ from .train import TrainTask
 
 
 def pretrain_task(model: GPT, train_set: Any, val_set: Any, cfg: TrainConfig, runtime: Runtime,
-                  tokenizer: str = "gpt2") -> TrainTask:
+                  tokenizer: str = "gpt2", target_bytes: Callable[[torch.Tensor], int] | None = None) -> TrainTask:
     """Next-token prediction on windows (`SlidingWindowDataset` or `TokenFileDataset`) of tokens from the
-    tokenizer named `tokenizer` (what the checkpoints record); windows may be shorter than the model's context."""
+    tokenizer named `tokenizer` (what the checkpoints record); windows may be shorter than the model's context.
+
+    With `target_bytes` (the bytes a tensor of target ids stands for), validation also reports bits per byte:
+    the summed loss in bits over the bytes of the scored targets, comparable across tokenizers."""
+    def evaluate(model: nn.Module) -> dict[str, float]:
+        metrics = language_model_metrics(
+            model, iterate_eval(val_set, cfg.batch_size, max_batches=cfg.eval_batches), runtime.device)
+        if target_bytes is not None:
+            scored_bytes = sum(target_bytes(targets)
+                               for _, targets in iterate_eval(val_set, cfg.batch_size, max_batches=cfg.eval_batches))
+            metrics["bits_per_byte"] = metrics["loss"] * metrics["tokens"] / (math.log(2) * scored_bytes)
+        return metrics
+
     return TrainTask(
         model=model,
         train_batches=BatchLoader(train_set, cfg.batch_size, shuffle=True, seed=cfg.seed, rank=runtime.rank,
                                   world_size=runtime.world_size),
         loss=next_token_loss,
-        evaluate=lambda m: language_model_metrics(
-            m, iterate_eval(val_set, cfg.batch_size, max_batches=cfg.eval_batches), runtime.device),
+        evaluate=evaluate,
         batch_tokens=lambda batch: batch[1].numel(),
         sequence_length=lambda batch: batch[0].shape[1],
         tokenizer=tokenizer,

@@ -74,8 +74,9 @@ def test_final_metrics_match_the_run_files_and_checkpoints(two_runs, compared):
         assert got["tokens seen"] == latest["tokens_seen"] == 6 * 4 * 32
         assert got["train seconds"] == pytest.approx(latest["train_seconds"], rel=1e-9)
         assert got["train loss (last)"] == train[-1]["loss"] and train[-1]["step"] == 6
+        assert got["val bits_per_byte (last)"] == val[-1]["bits_per_byte"]
         assert set(got) == {"val loss (last)", "val loss (best)", "val ppl (last)", "val ppl (best)", "steps",
-                            "tokens seen", "train seconds", "train loss (last)"}
+                            "tokens seen", "train seconds", "train loss (last)", "val bits_per_byte (last)"}
 
 
 def test_the_plot_has_every_run(compared):
