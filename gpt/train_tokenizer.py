@@ -171,11 +171,13 @@ def train_tokenizer(
 
 
 def _tokenizers_library() -> Any:
-    """The Hugging Face `tokenizers` library (installed with transformers), or a UserError saying how to get it."""
+    """The Hugging Face `tokenizers` library (the `data` extra; transformers brings it too), or a UserError saying
+    how to get it."""
     try:
         import tokenizers
     except ImportError:
-        raise UserError("train-tokenizer needs the Hugging Face tokenizers library: pip install tokenizers") from None
+        raise UserError("train-tokenizer needs the Hugging Face tokenizers library: pip install 'gpt[data]' "
+                        "(or pip install tokenizers)") from None
     return tokenizers
 
 
