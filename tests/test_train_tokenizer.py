@@ -30,6 +30,7 @@ from gpt.prompts import chatml, chat_prompt, format_example
 from gpt.tokenizer import get_tokenizer
 from gpt.train_tokenizer import train_tokenizer, train_tokenizer_cli
 from gpt.weights import convert_cli
+from tests.test_byte_tokenizer import random_unicode
 
 BOTCHAN = (Path(__file__).resolve().parents[1] / "data" / "botchan.txt").read_text(encoding="utf-8-sig")
 VOCAB_SIZE = 400
@@ -49,16 +50,6 @@ def documents() -> list[str]:
     other = ["日本語の文章です。中文文本和한국어 텍스트。" * 3, "Ελληνικά και русский текст. " * 4, "x = [1, 2, 3]  # 42\n" * 5,
              "Chapter 12, page 345, in 1906; 2024-06-01 at 10:45 and 1,000,000 yen. " * 6]
     return paragraphs + [doc.strip() for doc in other]
-
-
-def random_unicode(rng: random.Random, length: int) -> str:
-    """Code points from all planes, surrogates excluded (they are not valid in UTF-8)."""
-    chars = []
-    while len(chars) < length:
-        code = rng.choice([rng.randrange(0x80), rng.randrange(0x800), rng.randrange(0x10000), rng.randrange(0x110000)])
-        if not 0xD800 <= code <= 0xDFFF:
-            chars.append(chr(code))
-    return "".join(chars)
 
 
 def write_corpus(path: Path, docs: list[str]) -> Path:

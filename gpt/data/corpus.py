@@ -24,7 +24,7 @@ from ..errors import UserError
 from ..tokenizer import Tokenizer
 
 from .filters import DocumentFilter
-from .report import DataReport
+from .report import DataReport, length_summary
 from .text import CleanStats, PathLike, clean_document, read_documents
 
 
@@ -153,18 +153,9 @@ def load_text_corpus(
 
 def dataset_stats(doc_token_lengths: Sequence[int] | np.ndarray) -> dict[str, int | float]:
     """Documents, total tokens, and min/median/mean/p95/max tokens per document."""
-    lengths = np.asarray(doc_token_lengths, dtype=np.int64)
-    if lengths.size == 0:
+    if len(doc_token_lengths) == 0:
         raise UserError("no documents to describe: every document was empty or a duplicate")
-    return {
-        "documents": int(lengths.size),
-        "tokens": int(lengths.sum()),
-        "min": int(lengths.min()),
-        "median": float(np.median(lengths)),
-        "mean": float(lengths.mean()),
-        "p95": float(np.percentile(lengths, 95)),
-        "max": int(lengths.max()),
-    }
+    return length_summary(doc_token_lengths)
 
 
 def format_stats(summary: dict[str, Any]) -> str:
