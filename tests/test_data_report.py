@@ -160,3 +160,13 @@ def test_prepare_takes_filters_from_a_config_and_overrides(tmp_path, corpus, cap
         prepare_cli([str(path), "--out", str(out), "--train.lr", "1"])
     with pytest.raises(ConfigError, match="data.near_dedup_threshold"):
         prepare_cli([str(path), "--out", str(out), "--data.near_dedup_threshold", "2"])
+
+
+def test_filters_asked_of_a_token_folder_get_a_note(tmp_path, corpus, capsys):
+    path, _, filters = corpus
+    prepare(path, tmp_path / "out", val_fraction=0.1, workers=1)
+    gpt2 = get_tokenizer("gpt2")
+    pretraining_windows(tmp_path / "out", 16, gpt2, 0.1, filters=FilterConfig(), verbose=True)
+    assert capsys.readouterr().out == ""
+    pretraining_windows(tmp_path / "out", 16, gpt2, 0.1, filters=filters, verbose=True)
+    assert "the data.* filters apply to text" in capsys.readouterr().out

@@ -123,6 +123,9 @@ def pretraining_windows(path: PathLike, context_length: int, tokenizer: Tokenize
     path = Path(path)
     if path.is_dir() and (path / "train.bin").exists():
         meta = check_token_meta(path, tokenizer.name, vocab_size or tokenizer.n_vocab)
+        if verbose and filters is not None and filters != FilterConfig():
+            print(f"note: the data.* filters apply to text; {path} holds tokens, filtered when `prepare` wrote them "
+                  f"(its data_report.md says how)")
         return (TokenFileDataset(path / "train.bin", context_length, max_tokens=train_tokens, dtype=meta["dtype"]),
                 TokenFileDataset(path / "val.bin", context_length, dtype=meta["dtype"]))
     train_split, val_split, summary = load_text_corpus(path, tokenizer, val_fraction, filters=filters)
