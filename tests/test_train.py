@@ -261,7 +261,8 @@ def test_a_diverged_validation_loss_is_never_the_best(tmp_path, corpus, monkeypa
 
     def evaluate_that_diverges(*args, **kwargs):
         loss = next(losses)
-        return real_evaluate(*args, **kwargs) if loss is None else {"loss": loss}
+        metrics = real_evaluate(*args, **kwargs)
+        return metrics if loss is None else {**metrics, "loss": loss}
 
     monkeypatch.setattr(gpt.tasks, "language_model_metrics", evaluate_that_diverges)
     run(tmp_path, corpus, "--train.max_steps", "3", "--train.eval_interval", "1")
