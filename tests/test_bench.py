@@ -33,6 +33,7 @@ def micro_config(monkeypatch):
     runtime.matmul_peak_flops.cache_clear()
 
 
+@pytest.mark.slow  # a whole bench round (about 20 s): the default suite keeps to its time
 def test_one_round_writes_the_report(micro_config, tmp_path):
     out = tmp_path / "bench.json"
     argv = [

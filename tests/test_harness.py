@@ -153,6 +153,7 @@ def test_generations_stop_at_the_stop_strings(runs):
     assert any(len(s) < len(f) for s, f in zip(stopped, full))
 
 
+@pytest.mark.slow  # a whole lm-eval process (about 40 s): the default suite keeps to its time
 def test_command_line_runs_our_checkpoint(exported, runs, tmp_path):
     """`python -m gpt lm-eval` as a user types it, on the run folder (not the export): the same scores."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home"),
