@@ -12,6 +12,7 @@ the scripts stay a thin command line around these.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -45,13 +46,17 @@ def pretrain_task(model: GPT, train_set: Any, val_set: Any, cfg: TrainConfig, ru
 
     With `target_bytes` (the bytes a tensor of target ids stands for), validation also reports bits per byte:
     the summed loss in bits over the bytes of the scored targets, comparable across tokenizers."""
+    @functools.cache
+    def scored_bytes() -> int:  # the validation batches are fixed: their bytes are counted once
+        assert target_bytes is not None
+        return sum(target_bytes(targets) for _, targets in iterate_eval(val_set, cfg.batch_size,
+                                                                        max_batches=cfg.eval_batches))
+
     def evaluate(model: nn.Module) -> dict[str, float]:
         metrics = language_model_metrics(
             model, iterate_eval(val_set, cfg.batch_size, max_batches=cfg.eval_batches), runtime.device)
         if target_bytes is not None:
-            scored_bytes = sum(target_bytes(targets)
-                               for _, targets in iterate_eval(val_set, cfg.batch_size, max_batches=cfg.eval_batches))
-            metrics["bits_per_byte"] = metrics["loss"] * metrics["tokens"] / (math.log(2) * scored_bytes)
+            metrics["bits_per_byte"] = metrics["loss"] * metrics["tokens"] / (math.log(2) * scored_bytes())
         return metrics
 
     return TrainTask(
