@@ -16,16 +16,15 @@ import pytest
 from gpt.config import FilterConfig
 from gpt.data.filters import (
     DocumentFilter,
-    NearDuplicateIndex,
     allowed_chars_pattern,
     blocklist_pattern,
     mask_matches,
     normalize,
-    quality_failure,
     read_blocklist,
     scrub_pii,
-    shingles,
 )
+from gpt.data.near_duplicates import NearDuplicateIndex, shingles
+from gpt.data.quality import quality_failure
 from gpt.data.text import clean_document
 from gpt.errors import ConfigError, UserError
 

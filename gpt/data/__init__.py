@@ -5,7 +5,8 @@ One concept per module, in the order the data flows:
     text.py            read documents (.txt, .jsonl, folders; UTF-8 checked, big files in blocks)
                        and clean them (Gutenberg header/footer, LF newlines, empties, duplicates)
     filters.py         what of a corpus to keep: exact and near duplicates, quality rules,
-                       blocklist, PII scrubbing, normalizations (`DocumentFilter`)
+                       blocklist, PII scrubbing, normalizations (`DocumentFilter`); the rules
+                       in quality.py, the MinHash index in near_duplicates.py
     corpus.py          tokenize, join with <|endoftext|>, split into train/val streams;
                        `load_text_corpus` does it all in memory; `dataset_stats`, `format_stats`
     token_files.py     the same for corpora of any size, streamed through tokenizer worker
