@@ -146,15 +146,18 @@ class CausalSelfAttention(nn.Module):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None
     ) -> torch.Tensor:
         """q (B, n_head, T, hd) attends to k, v (B, n_kv_head, S, hd) -> (B, n_head, T, hd)."""
-        if self.n_kv_head != self.n_head:  # grouped-query: repeat each key/value head for its query heads
-            group = self.n_head // self.n_kv_head
-            k = k.repeat_interleave(group, dim=1)  # (B, n_head, S, hd)
-            v = v.repeat_interleave(group, dim=1)
+        grouped = self.n_kv_head != self.n_head  # grouped-query: each key/value head serves n_head / n_kv_head
         if self.attn_impl == "manual":
+            if grouped:  # the reference repeats each key/value head for its query heads
+                group = self.n_head // self.n_kv_head
+                k = k.repeat_interleave(group, dim=1)  # (B, n_head, S, hd)
+                v = v.repeat_interleave(group, dim=1)
             return self._manual_attention(q, k, v, allowed)
         dropout_p = self.dropout if self.training else 0.0
+        # enable_gqa: SDPA pairs query head h with key/value head h // (n_head / n_kv_head) itself, no copies
         return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=allowed, dropout_p=dropout_p, is_causal=allowed is None and q.shape[2] > 1
+            q, k, v, attn_mask=allowed, dropout_p=dropout_p, is_causal=allowed is None and q.shape[2] > 1,
+            enable_gqa=grouped,
         )
 
     def _manual_attention(
@@ -316,10 +319,15 @@ class GPT(nn.Module):
         return linear_cross_entropy(hidden.flatten(0, 1), weight, targets.flatten(), self.loss_workspace)
 
     def new_cache(self, batch_size: int, max_length: int | None = None) -> KVCache:
-        """An empty KV cache on the model's device and dtype."""
+        """An empty KV cache on the model's device, in the dtype its keys and values come in: autocast's when
+        autocast is on for that device (half-precision keys are then neither widened into an fp32 cache nor
+        cast back at every step), else the weights'."""
         weight = self.tok_emb.weight
         length = max_length or self.config.context_length
-        return KVCache(self.config, batch_size, length, device=weight.device, dtype=weight.dtype)
+        device_type = weight.device.type
+        autocast_on = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+        dtype = torch.get_autocast_dtype(device_type) if autocast_on else weight.dtype
+        return KVCache(self.config, batch_size, length, device=weight.device, dtype=dtype)
 
     # ------------------------------------------------------------------ helpers
 

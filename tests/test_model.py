@@ -6,7 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from gpt.cache import KVCache, attention_mask
 from gpt.config import ModelConfig
+from gpt.generate import generate
 from gpt.model import GPT, apply_rope, rope_tables
 
 LLAMA_STYLE = dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", bias=False, tie_embeddings=False)
@@ -137,6 +139,60 @@ def test_kv_cache_logits_equal_full_forward(style, attn_impl):
     pieces = [model(ids[:, :5], cache=cache), model(ids[:, 5:8], cache=cache)]
     pieces += [model(ids[:, t:t + 1], cache=cache) for t in range(8, 14)]
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("attn_impl", ["sdpa", "manual"])
+@pytest.mark.parametrize("style", [{}, dict(LLAMA_STYLE, n_kv_head=3)])
+def test_kv_cache_under_autocast_holds_its_dtype_and_equals_full_forward(style, attn_impl):
+    """Under bf16 autocast the cache holds bf16 keys and values though the weights are fp32 (outside autocast it
+    holds fp32). Cached logits equal one full pass under the same autocast (to bf16 rounding), and bit for bit
+    those of an fp32 cache (what new_cache gave under autocast before): the keys come out of the projections in
+    bf16, so widening them loses nothing. Cached generation equals uncached, with left padding."""
+    model = model_for(small_config(**style, attn_impl=attn_impl))
+    ids = torch.randint(0, 97, (2, 14))
+    assert model.new_cache(batch_size=2).keys.dtype == torch.float32
+    runs = []
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        full = model(ids)
+        autocast_cache = model.new_cache(batch_size=2, max_length=14)
+        assert autocast_cache.keys.dtype == autocast_cache.values.dtype == torch.bfloat16
+        for cache in (autocast_cache, KVCache(model.config, 2, 14, dtype=torch.float32)):
+            pieces = [model(ids[:, :5], cache=cache), model(ids[:, 5:8], cache=cache)]
+            pieces += [model(ids[:, t:t + 1], cache=cache) for t in range(8, 14)]
+            runs.append(torch.cat(pieces, dim=1))
+        prompts = [[5, 6, 7, 8, 9], [11, 12]]
+        assert generate(model, prompts, 12, use_cache=True) == generate(model, prompts, 12, use_cache=False)
+    torch.testing.assert_close(runs[0].float(), full.float(), atol=1e-2, rtol=2e-2)
+    assert torch.equal(runs[0], runs[1])
+
+
+@pytest.mark.parametrize("attn_impl", ["sdpa", "manual"])
+def test_grouped_query_attention_equals_attention_over_repeated_key_value_heads(attn_impl):
+    """6 query heads on 2 key/value heads (SDPA's enable_gqa, or the manual path's copies) equal attention
+    written out here over each key/value head repeated for its 3 query heads: causal, under a padding mask,
+    and one decoding step after 8 cached positions."""
+    config = small_config(n_kv_head=2, attn_impl=attn_impl)
+    attn = model_for(config).blocks[0].attn
+    x = torch.randn(2, 9, 48)
+
+    def reference(allowed: torch.Tensor) -> torch.Tensor:
+        """x (2, 9, 48) -> (2, 9, 48); allowed (B or 1, 1, 9, 9) True where a query sees a key."""
+        q = attn.q_proj(x).view(2, 9, 6, 8).transpose(1, 2)  # (B, 6, T, hd)
+        k = attn.k_proj(x).view(2, 9, 2, 8).transpose(1, 2).repeat_interleave(3, dim=1)  # (B, 6, T, hd)
+        v = attn.v_proj(x).view(2, 9, 2, 8).transpose(1, 2).repeat_interleave(3, dim=1)
+        scores = (q @ k.transpose(-2, -1) / math.sqrt(8)).masked_fill(~allowed, float("-inf"))  # (B, 6, T, T)
+        return attn.out_proj((scores.softmax(dim=-1) @ v).transpose(1, 2).reshape(2, 9, 48))
+
+    causal = torch.ones(9, 9, dtype=torch.bool).tril()[None, None]
+    padded = attention_mask(torch.tensor([[True] * 9, [False] * 3 + [True] * 6]), 0, 9)  # (2, 1, 9, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(attn(x, None, None, None), reference(causal), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(attn(x, None, padded, None), reference(padded), atol=1e-5, rtol=1e-5)
+        cache = KVCache(config, 2, 9)
+        cache.begin(8)
+        attn(x[:, :8], None, None, cache)
+        cache.begin(1)
+        torch.testing.assert_close(attn(x[:, 8:], None, None, cache), reference(causal)[:, 8:], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("style", [{}, LLAMA_STYLE])
