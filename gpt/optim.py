@@ -12,6 +12,10 @@ Everything the training loop needs to turn gradients into parameter updates:
 - `lr_at`: linear warmup, then cosine decay to a floor (or a constant rate).
 - `clip_grad_norm`: rescales all gradients together so their global L2 norm is at
   most `max_norm`.
+
+Both AdamW and `clip_grad_norm` accept DTensor parameters, as FSDP2
+(`torch.distributed.fsdp.fully_shard`) makes them: each rank updates its own shard, and
+the gradient norm is summed over the shards of every rank.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from collections import defaultdict
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DeviceMesh, DTensor, Placement
 
 Params = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
 
@@ -52,6 +58,11 @@ class AdamW(torch.optim.Optimizer):
     count does not advance). The state of each parameter is `step` (a Python int),
     `exp_avg` (m) and `exp_avg_sq` (v), so `state_dict()` survives
     `torch.load(weights_only=True)` and a resumed run continues bit for bit.
+
+    The parameters may be DTensors (FSDP2 shards them so). The update is elementwise, so
+    each rank runs it on its local shards of the parameter, gradient and moments; the
+    moments are DTensors laid out like their parameter, so `torch.distributed.checkpoint`
+    saves and loads `state_dict()`.
 
     `foreach=False` takes the per-parameter loop; `True` or None (the default) the
     multi-tensor path, which works on every device because it groups tensors by
@@ -94,6 +105,8 @@ class AdamW(torch.optim.Optimizer):
             for p in params:
                 if p.grad.is_sparse or not p.is_floating_point():
                     raise RuntimeError("AdamW needs real floating-point parameters with dense gradients")
+                if not _same_layout(p, p.grad):
+                    raise RuntimeError("AdamW needs each DTensor gradient sharded like its parameter")
                 self._count_step(p)
             if group["foreach"] is False:
                 self._update_loop(group, params)
@@ -115,9 +128,10 @@ class AdamW(torch.optim.Optimizer):
         lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
         beta1, beta2 = group["betas"]
         for param in params:
-            grad = param.grad
             state = self.state[param]
-            exp_avg, exp_avg_sq, step = state["exp_avg"], state["exp_avg_sq"], state["step"]
+            # Of a DTensor, this rank's shard: the update is elementwise.
+            param, grad = _local(param), _local(param.grad)
+            exp_avg, exp_avg_sq, step = _local(state["exp_avg"]), _local(state["exp_avg_sq"]), state["step"]
 
             # θ ← θ · (1 − lr·λ)
             if weight_decay != 0:
@@ -151,9 +165,8 @@ class AdamW(torch.optim.Optimizer):
             # Steps can differ between parameters (one may have missed a gradient), so the
             # bias corrections go with each tensor.
             step_size, bias_correction2_sqrt = _bias_corrections(lr, beta1, beta2, state["step"])
-            buckets[(param.device, param.dtype)].append(
-                (param, param.grad, state["exp_avg"], state["exp_avg_sq"], -step_size, bias_correction2_sqrt)
-            )
+            tensors = [_local(t) for t in (param, param.grad, state["exp_avg"], state["exp_avg_sq"])]
+            buckets[(tensors[0].device, tensors[0].dtype)].append((*tensors, -step_size, bias_correction2_sqrt))
 
         for (device, dtype), rows in buckets.items():
             batches: Iterable[list[_Row]] = [rows]
@@ -179,6 +192,18 @@ class AdamW(torch.optim.Optimizer):
                 torch._foreach_div_(denoms, bias_corrections2_sqrt)
                 torch._foreach_add_(denoms, eps)
                 torch._foreach_addcdiv_(thetas, exp_avgs, denoms, neg_step_sizes)
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor itself, or of a DTensor the shard this rank holds (a view: updating it updates the DTensor)."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def _same_layout(param: torch.Tensor, grad: torch.Tensor) -> bool:
+    """Whether `grad` is a plain tensor like `param`, or a DTensor sharded over the same mesh the same way."""
+    if isinstance(param, DTensor) and isinstance(grad, DTensor):
+        return grad.device_mesh == param.device_mesh and grad.placements == param.placements
+    return not isinstance(param, DTensor) and not isinstance(grad, DTensor)
 
 
 def _views_into(buffer: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -298,6 +323,11 @@ def clip_grad_norm(parameters: Iterable[torch.Tensor] | torch.Tensor, max_norm: 
     `torch.nn.utils.clip_grad_norm_`, whose results this matches). The norm comes back as
     a 0-d tensor on the first gradient's device, without waiting for the device. It may
     be inf or nan; the gradients are then unusable, and the caller should skip the step.
+
+    DTensor gradients (FSDP2's) count whole: the squared norms of this rank's shards are
+    summed over the ranks that hold the other shards, so every rank gets the same plain
+    tensor, the norm of the unsharded gradients. This is a collective: every rank of the
+    mesh must call it.
     """
     if not max_norm > 0.0:
         raise ValueError(f"max_norm must be > 0, got {max_norm}")
@@ -306,18 +336,47 @@ def clip_grad_norm(parameters: Iterable[torch.Tensor] | torch.Tensor, max_norm: 
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return torch.tensor(0.0)
-    buckets: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = defaultdict(list)
+    plain_buckets: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = defaultdict(list)
+    sharded_groups: dict[tuple[DeviceMesh, tuple[Placement, ...]], list[torch.Tensor]] = defaultdict(list)
     for grad in grads:
-        buckets[(grad.device, grad.dtype)].append(grad)
+        if isinstance(grad, DTensor):
+            sharded_groups[(grad.device_mesh, grad.placements)].append(grad.to_local())
+        else:
+            plain_buckets[(grad.device, grad.dtype)].append(grad)
 
-    norm_device = grads[0].device
-    per_tensor_norms = [
-        norm.to(norm_device) for bucket in buckets.values() for norm in torch._foreach_norm(bucket)
-    ]
-    total_norm = torch.linalg.vector_norm(torch.stack(per_tensor_norms))
+    norm_device = _local(grads[0]).device
+    norms = [norm.to(norm_device) for bucket in plain_buckets.values() for norm in torch._foreach_norm(bucket)]
+    for (mesh, placements), shards in sharded_groups.items():
+        norms.append(_sharded_norm(shards, mesh, placements).to(norm_device))
+    total_norm = torch.linalg.vector_norm(torch.stack(norms))
 
     # min(1, max_norm / norm) as a tensor: no .item(), so no wait for the device.
     scale = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
-    for (device, _), bucket in buckets.items():
+    local_buckets: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = defaultdict(list)
+    for grad in map(_local, grads):
+        local_buckets[(grad.device, grad.dtype)].append(grad)
+    for (device, _), bucket in local_buckets.items():
         torch._foreach_mul_(bucket, scale.to(device))
     return total_norm
+
+
+def _sharded_norm(shards: list[torch.Tensor], mesh: DeviceMesh, placements: tuple[Placement, ...]) -> torch.Tensor:
+    """The L2 norm of whole DTensors, from this rank's `shards` of them, laid out on `mesh` by `placements`.
+
+    The squared norms of the shards are summed over each mesh dimension that shards the
+    tensors; along a dimension that replicates them every rank holds the same values, which
+    must count once, so there is nothing to add.
+    """
+    buckets: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = defaultdict(list)
+    for shard in shards:
+        buckets[(shard.device, shard.dtype)].append(shard)
+    device = shards[0].device
+    norms = torch.stack([norm.to(device) for bucket in buckets.values() for norm in torch._foreach_norm(bucket)])
+    # At least float32 for the sum that crosses the ranks.
+    squared_sum = norms.to(torch.promote_types(norms.dtype, torch.float32)).square().sum()
+    for mesh_dim, placement in enumerate(placements):
+        if placement.is_partial():
+            raise RuntimeError(f"clip_grad_norm needs reduced gradients, got a DTensor placed {placement}")
+        if placement.is_shard():
+            dist.all_reduce(squared_sum, group=mesh.get_group(mesh_dim))
+    return squared_sum.sqrt()
