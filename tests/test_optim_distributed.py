@@ -57,6 +57,25 @@ def make_optimizer(params: list[torch.Tensor], foreach: bool, weight_decay: floa
     )
 
 
+def tiny_mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 5), nn.GELU(), nn.Linear(5, 2))
+
+
+def mlp_batch(rank: int, step: int) -> torch.Tensor:
+    return torch.randn(4, 3, generator=torch.Generator().manual_seed(10 * step + rank))
+
+
+def train_mlp(model: nn.Module, losses_of_step) -> None:
+    """Steps of clipped AdamW (multi-tensor path) on `model`; `losses_of_step(step)` is the loss to backpropagate."""
+    optimizer = AdamW(model.parameters(), lr=1e-2, foreach=True)
+    for step in range(STEPS):
+        losses_of_step(step).backward()
+        clip_grad_norm(model.parameters(), 0.5)
+        optimizer.step()
+        optimizer.zero_grad()
+
+
 class Sharded(nn.Module):
     """The parameters in a module, as `torch.distributed.checkpoint.state_dict` wants them."""
 
@@ -126,6 +145,14 @@ def _worker(rank: int, rendezvous: str, out_dir: str) -> None:
         except RuntimeError as error:
             results["plain_grad_refused"] = "sharded like its parameter" in str(error)
 
+        # FSDP2 itself: each rank's batch, gradients averaged over the ranks by fully_shard.
+        from torch.distributed.fsdp import fully_shard
+
+        model = tiny_mlp()
+        fully_shard(model, mesh=mesh)
+        train_mlp(model, lambda step: model(mlp_batch(rank, step)).square().mean())
+        results["fsdp2"] = [p.full_tensor() for p in model.parameters()]
+
         # Clipping: all gradients sharded but the last, which every rank holds whole (Replicate).
         for max_norm in MAX_NORMS:
             grads = [g for g in gradients(0) if g is not None]
@@ -179,6 +206,18 @@ def test_a_resume_through_distributed_checkpoint_continues_bit_for_bit(sharded_r
     straight = sharded_results["adamw"][(True, 0.1)]["params"]
     for resumed, uninterrupted in zip(sharded_results["resumed"], straight):
         assert torch.equal(resumed, uninterrupted)
+
+
+def test_fsdp2_training_equals_training_on_both_batches(sharded_results) -> None:
+    """fully_shard's parameters through clip_grad_norm and AdamW, against one process averaging both ranks' losses."""
+    model = tiny_mlp()
+    start = [p.detach().clone() for p in model.parameters()]
+    train_mlp(model, lambda step: sum(model(mlp_batch(rank, step)).square().mean() for rank in range(WORLD_SIZE)) / 2)
+    for sharded, param, initial in zip(sharded_results["fsdp2"], model.parameters(), start):
+        assert not torch.equal(param, initial)
+        # Bit for bit: a sum of two gradients rounds the same in either order, and the
+        # halvings (of the loss here, of the summed gradient in FSDP2) are exact.
+        assert torch.equal(sharded, param.detach())
 
 
 def test_a_plain_gradient_of_a_sharded_param_is_refused(sharded_results) -> None:
