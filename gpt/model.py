@@ -90,6 +90,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # ----------------------------------------------------------------------------
 
 
+def sdpa_takes_grouped_heads(q: torch.Tensor, allowed: torch.Tensor | None) -> bool:
+    """Whether SDPA's kernel for q (B, n_head, T, hd) and this mask reads grouped key/value heads itself
+    (enable_gqa), without copies. CPU's kernels do. On CUDA flash attention does (compute capability 8.0 and up,
+    half precision, no mask); the memory-efficient kernel, which takes masks and float32, wants as many
+    key/value heads as query heads (torch 2.13's SDPA documentation), and grouped heads would send the call to
+    SDPA's math kernel instead, slower than repeating the heads."""
+    if q.device.type == "cpu":
+        return True
+    return (q.device.type == "cuda" and allowed is None and q.dtype in (torch.float16, torch.bfloat16)
+            and torch.cuda.get_device_properties(q.device).major >= 8)
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head attention where each position sees only itself and earlier positions.
 
@@ -147,17 +159,16 @@ class CausalSelfAttention(nn.Module):
     ) -> torch.Tensor:
         """q (B, n_head, T, hd) attends to k, v (B, n_kv_head, S, hd) -> (B, n_head, T, hd)."""
         grouped = self.n_kv_head != self.n_head  # grouped-query: each key/value head serves n_head / n_kv_head
+        if grouped and (self.attn_impl == "manual" or not sdpa_takes_grouped_heads(q, allowed)):
+            group = self.n_head // self.n_kv_head  # repeat each key/value head for its query heads
+            k = k.repeat_interleave(group, dim=1)  # (B, n_head, S, hd)
+            v = v.repeat_interleave(group, dim=1)
         if self.attn_impl == "manual":
-            if grouped:  # the reference repeats each key/value head for its query heads
-                group = self.n_head // self.n_kv_head
-                k = k.repeat_interleave(group, dim=1)  # (B, n_head, S, hd)
-                v = v.repeat_interleave(group, dim=1)
             return self._manual_attention(q, k, v, allowed)
         dropout_p = self.dropout if self.training else 0.0
-        # enable_gqa: SDPA pairs query head h with key/value head h // (n_head / n_kv_head) itself, no copies
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=allowed, dropout_p=dropout_p, is_causal=allowed is None and q.shape[2] > 1,
-            enable_gqa=grouped,
+            enable_gqa=k.shape[1] != self.n_head,  # SDPA pairs query head h with key/value head h // group
         )
 
     def _manual_attention(
