@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         runtime.leave_process_group()  # the rest is rank 0's alone
         if not runtime.is_main or result.interrupted:  # an interrupted run has said how to resume
             return result.exit_code
-
+        model = result.model  # the same model; under FSDP the whole of it, gathered from the shards
         final = best_weights(model, runtime.out_dir, runtime.device, lora_body=model if lora else None)
         save_checkpoint(final, model, tokenizer=loaded.tokenizer_name, step=result.steps, template=data_cfg.template)
         after, after_answers = evaluate_test()

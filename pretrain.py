@@ -259,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         runtime.leave_process_group()  # the rest is rank 0's alone
         if not runtime.is_main:
             return result.exit_code
+        model = result.model  # the same model; under FSDP the whole of it, gathered from the shards
         print(f"sample after training:  {greedy_sample(model, tokenizer, sample_cfg)!r}")
         if result.last_val:
             bits = result.last_val.get("bits_per_byte")  # a run resumed from before it was recorded lacks it

@@ -19,6 +19,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "convert": ("gpt.weights:convert_cli", "export a model as a Hugging Face folder, or as a GGUF file for llama.cpp/Ollama"),
     "quantize": ("gpt.quantize.cli:quantize_cli", "int8/int4 weight-only quantization, written as a folder every verb loads"),
     "prune": ("gpt.prune:prune_cli", "magnitude pruning (unstructured or 2:4), with an optional recovery fine-tune"),
+    "consolidate": ("gpt.sharded_checkpoint:consolidate_cli", "a sharded (FSDP) checkpoint folder as one checkpoint file, or back"),
     "prepare": ("gpt.data.token_files:prepare_cli", "filter and tokenize a corpus into token files, with a data report"),
     "train-tokenizer": ("gpt.train_tokenizer:train_tokenizer_cli", "train a byte-level BPE vocabulary on your own text"),
     "fetch": ("gpt.fetch:fetch_cli", "download a known pretrained model into the local cache (explicit, once)"),

@@ -12,6 +12,9 @@ loads with `torch.load(weights_only=True)` (no arbitrary code runs on load):
 Writes are atomic (`gpt.files.atomic_write`: a temporary file in the same folder,
 fsynced, then renamed over the final name), so a crash mid-write never leaves a
 truncated checkpoint under the real name: the previous one stays loadable.
+
+A run with `train.parallel fsdp` writes sharded checkpoint folders instead
+(gpt.sharded_checkpoint); `load_checkpoint` reads those too, consolidated into this dict.
 """
 
 from __future__ import annotations
@@ -55,15 +58,20 @@ def tensor_bytes(value: Any) -> int:
 
 
 def resolve_checkpoint_path(path: str | Path, which: str = "best") -> Path:
-    """A checkpoint file, or a run folder: its checkpoints/final.pt when the run wrote one (the model a fine-tuning
-    or continued run ends with, LoRA adapters merged; best.pt may still hold them apart), else {which}.pt,
-    falling back to latest.pt."""
+    """A checkpoint file or sharded checkpoint folder, or a run folder: its checkpoints/final.pt when the run
+    wrote one (the model a fine-tuning or continued run ends with, LoRA adapters merged; best.pt may still hold
+    them apart), else {which}.pt, falling back to latest.pt (or the sharded folders of the same names)."""
+    from .sharded_checkpoint import is_sharded_checkpoint  # it builds on this module
+
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() and not is_sharded_checkpoint(path):
         for candidate in (path / "checkpoints" / "final.pt", path / "checkpoints" / f"{which}.pt",
                           path / "checkpoints" / "latest.pt",
                           path / f"{which}.pt", path / "latest.pt"):
             if candidate.is_file():
+                return candidate
+        for candidate in (path / "checkpoints" / which, path / "checkpoints" / "latest"):
+            if is_sharded_checkpoint(candidate):
                 return candidate
         raise UserError(f"{path}: no checkpoint found in this folder (looked for checkpoints/{which}.pt, latest.pt)")
     if not path.exists():
@@ -72,8 +80,13 @@ def resolve_checkpoint_path(path: str | Path, which: str = "best") -> Path:
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint dict with `weights_only=True`; a missing, truncated or foreign file names the path."""
+    """Load a checkpoint dict with `weights_only=True`; a missing, truncated or foreign file names the path.
+    A sharded checkpoint folder is consolidated into the same dict (on the CPU)."""
+    from .sharded_checkpoint import consolidate, is_sharded_checkpoint
+
     path = resolve_checkpoint_path(path)
+    if is_sharded_checkpoint(path):
+        return consolidate(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # garbage makes the unpickler fail in any number of ways (KeyError, ValueError, ...)

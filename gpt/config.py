@@ -292,6 +292,12 @@ class TrainConfig(Section):
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N | mps"})
     dtype: str = field(default="auto", metadata={"help": "auto | float32 | bfloat16 | float16 (autocast precision)"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model and loss"})
+    parallel: str = field(default="auto", metadata={
+        "help": "how the processes of a torchrun launch share the work: ddp (each holds the whole model) | fsdp "
+                "(FSDP2: parameters, gradients and optimizer state sharded; sharded checkpoints) | auto (ddp)"})
+    activation_checkpointing: bool = field(default=False, metadata={
+        "help": "keep only each block's input in the forward pass and recompute the block in the backward "
+                "(less activation memory, about one more forward of compute)"})
     keep_freed_memory: bool = field(default=True, metadata={
         "help": "CPU on Linux: glibc malloc keeps freed memory for reuse instead of unmapping it "
                 "(far fewer page faults, faster steps: BENCHMARKS.md; the process keeps its peak size, "
@@ -322,6 +328,7 @@ class TrainConfig(Section):
         check_seed("train.seed", self.seed)
         check_choice("train.schedule", self.schedule, ("cosine", "constant"))
         check_choice("train.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
+        check_choice("train.parallel", self.parallel, ("auto", "ddp", "fsdp"))
 
 
 # Actions the blocklist filter can take on a document that contains a listed word or phrase.

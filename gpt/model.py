@@ -29,6 +29,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from .cache import KVCache, positions_and_mask
 from .config import ModelConfig
@@ -214,6 +215,9 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_index)
         self.mlp_norm = make_norm(config)
         self.mlp = MLP(config)
+        # Set by training (train.activation_checkpointing): keep only the block's input for the backward pass
+        # and recompute the rest there.
+        self.activation_checkpointing = False
 
     def forward(
         self,
@@ -222,6 +226,21 @@ class Block(nn.Module):
         allowed: torch.Tensor | None,
         cache: KVCache | None,
     ) -> torch.Tensor:
+        if self.activation_checkpointing and torch.is_grad_enabled():
+            # The same computation; its activations are dropped now and recomputed in the backward pass
+            # (with the same dropout masks: the random state is replayed).
+            return torch.utils.checkpoint.checkpoint(self.residual_branches, x, rope, allowed, cache,
+                                                     use_reentrant=False)
+        return self.residual_branches(x, rope, allowed, cache)
+
+    def residual_branches(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        allowed: torch.Tensor | None,
+        cache: KVCache | None,
+    ) -> torch.Tensor:
+        """x + attention(norm(x)), then + mlp(norm(x)): (B, T, D) -> (B, T, D)."""
         x = x + self.attn(self.attn_norm(x), rope, allowed, cache)
         return x + self.mlp(self.mlp_norm(x))
 

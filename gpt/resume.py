@@ -26,25 +26,35 @@ import torch
 from .checkpoint import load_checkpoint
 from .config import ModelConfig
 from .errors import ConfigError, UserError
+from .sharded_checkpoint import is_sharded_checkpoint, read_meta
 
 
 def find_resume_checkpoint(resume: str, out_dir: Path) -> Path | None:
-    """`auto` -> out_dir/checkpoints/latest.pt if it exists (else start fresh); a path -> that file."""
+    """`auto` -> out_dir's latest checkpoint if there is one (else start fresh); a path -> that checkpoint
+    (a file, a sharded checkpoint folder, or a run folder: its latest). The latest checkpoint is
+    checkpoints/latest.pt, or the sharded folder checkpoints/latest/ that runs with FSDP write."""
     if not resume:
         return None
     if resume == "auto":
-        latest = out_dir / "checkpoints" / "latest.pt"
-        return latest if latest.exists() else None
+        return _latest_in(out_dir)
     path = Path(resume)
-    if path.is_dir():
-        path = path / "checkpoints" / "latest.pt"
+    if path.is_dir() and not is_sharded_checkpoint(path):
+        path = _latest_in(path) or path / "checkpoints" / "latest.pt"
     if not path.exists():
         raise UserError(f"train.resume: checkpoint {path} not found")
     return path
 
 
+def _latest_in(run_folder: Path) -> Path | None:
+    for latest in (run_folder / "checkpoints" / "latest.pt", run_folder / "checkpoints" / "latest"):
+        if latest.is_file() or is_sharded_checkpoint(latest):
+            return latest
+    return None
+
+
 def load_resume_checkpoint(resume: str, out_dir: Path) -> tuple[dict[str, Any], Path] | None:
-    """The checkpoint a run continues from, loaded (None: start fresh), and its path.
+    """The checkpoint a run continues from, loaded (None: start fresh), and its path. Of a sharded checkpoint
+    only its meta (everything but the tensors) is loaded here.
 
     With `auto`, a damaged latest.pt (a disk error, a copy cut short) falls back to the
     run's best.pt, with a message (the damaged file stays until the next checkpoint replaces it).
@@ -53,6 +63,8 @@ def load_resume_checkpoint(resume: str, out_dir: Path) -> tuple[dict[str, Any], 
     path = find_resume_checkpoint(resume, out_dir)
     if path is None:
         return None
+    if path.is_dir():  # a sharded checkpoint: its tensors are loaded into the run's sharded model and optimizer
+        return read_meta(path), path
     try:
         return load_checkpoint(path), path
     except UserError as damaged:

@@ -176,8 +176,8 @@ class Runtime:
         """Leave the process group (the other processes may end; rank 0 may go on alone). Normally all
         together, after a barrier (a process that exits while others still talk to it aborts them); after
         an error at once, since the others may never get there."""
-        if self.distributed and dist.is_initialized():
-            if wait_for_others:
+        if dist.is_initialized():
+            if wait_for_others and self.distributed:
                 dist.barrier()
             dist.destroy_process_group()
 
@@ -210,11 +210,13 @@ def setup_runtime(cfg: TrainConfig, script: str) -> Runtime:
             device = torch.device("cuda", local_rank)
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # code that uses "the current device" (NCCL, Triton) lands on ours
-    if world_size > 1 and not dist.is_initialized():
-        if device.type == "cuda":
-            dist.init_process_group(backend="nccl", device_id=device)
-        else:
-            dist.init_process_group(backend="gloo")
+    if (world_size > 1 or cfg.parallel == "fsdp") and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if "MASTER_ADDR" in os.environ:  # launched by torchrun
+            dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+        else:  # FSDP in a single process started without torchrun: a process group of one
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1,
+                                    device_id=device if device.type == "cuda" else None)
     folder = claim_run_folder(cfg, script) if rank == 0 else None
     out_dir = folder.path if folder is not None else Path(cfg.out_dir)
     dtype = pick_autocast_dtype(cfg.dtype, device)

@@ -30,6 +30,7 @@ from .lora import apply_lora, count_parameters, merge_lora
 from .model import GPT
 from .quantize import dequantize_model, is_quantized, parse_scheme, quantize_model, weight_bytes
 from .runtime import pick_device
+from .sharded_checkpoint import is_sharded_checkpoint
 from .tokenizer import get_tokenizer
 from .weights import LoadedModel, is_preset_name, load_model_and_tokenizer
 
@@ -203,6 +204,8 @@ def best_weights(model: nn.Module, out_dir: Path, device: torch.device, lora_bod
     Returns the path the final checkpoint goes to (`checkpoints/final.pt`).
     """
     best = out_dir / "checkpoints" / "best.pt"
+    if not best.exists() and is_sharded_checkpoint(best.with_suffix("")):  # written by a run with FSDP
+        best = best.with_suffix("")
     if best.exists():
         load_model_state(model, load_checkpoint(best, map_location=device)["model"], best)
     else:

@@ -22,8 +22,15 @@ SIGTERM), and a second Ctrl-C during a checkpoint write waits for the write to f
 
 Checkpoints hold everything a run needs to continue bit for bit: model, optimizer,
 gradient scaler (fp16), step, RNG states (gpt.resume), data position, best loss and
-patience, and the counters metrics.jsonl reports (tokens seen, training time). Under `torchrun` the model is wrapped in DistributedDataParallel; gradients
-are synced on the last micro-step only, and rank 0 alone logs and writes checkpoints.
+patience, and the counters metrics.jsonl reports (tokens seen, training time).
+
+Under `torchrun` the processes share the work as `train.parallel` says (gpt.parallel):
+DistributedDataParallel by default, or FSDP2, which shards parameters, gradients and
+optimizer state across the processes. Gradients are synced on the last micro-step only;
+rank 0 alone logs. Under DDP rank 0 writes the checkpoints (`checkpoints/latest.pt`);
+under FSDP every process writes its shards of a checkpoint folder (`checkpoints/latest/`,
+gpt.sharded_checkpoint), and at the end rank 0 gets the whole trained model
+(`TrainResult.model`) for what the script does alone.
 """
 
 from __future__ import annotations
@@ -44,15 +51,17 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .checkpoint import load_model_state, save_checkpoint
+from .checkpoint import FORMAT, VERSION, load_model_state, save_checkpoint
 from .config import TrainConfig
 from .curves import plot_run_curves
 from .errors import UserError
 from .metrics_log import MetricsLog
 from .model import GPT
 from .optim import AdamW, clip_grad_norm, lr_at, param_groups
+from .parallel import gather_model, gradient_sync, parallel_mode, set_activation_checkpointing, shard_model, skeleton_of
 from .resume import check_same_model, load_resume_checkpoint, rng_state, set_rng_state
 from .runtime import Runtime, matmul_peak_flops
+from .sharded_checkpoint import load_sharded, save_sharded
 
 # ----------------------------------------------------------------------------
 # What a script hands the loop, and what it gets back
@@ -97,6 +106,7 @@ class TrainResult:
     stop_signal: int | None  # the signal that interrupted the run (saved first), or None
     train_seconds: float
     tokens_per_s: float
+    model: nn.Module | None = None  # the trained model, whole, on rank 0 (None on the other processes)
 
     @property
     def interrupted(self) -> bool:
@@ -124,13 +134,15 @@ class TrainingStopped(UserError):
 class RunState:
     """A run in progress: what trains, and the counters a checkpoint saves."""
 
-    model: GPT
-    ddp_model: nn.Module  # the model, or its DistributedDataParallel wrapper under torchrun
+    model: GPT  # sharded in place under FSDP
+    parallel_model: nn.Module  # what the loss calls: the model, or its DistributedDataParallel wrapper
     optimizer: AdamW
     scaler: torch.amp.GradScaler  # enabled for float16 autocast only
     loss_fn: Callable[[nn.Module, Any], torch.Tensor]
     trainable: list[torch.Tensor]
     stop: _StopSignal
+    parallel: str = "none"  # none | ddp | fsdp (gpt.parallel.parallel_mode)
+    skeleton: nn.Module | None = None  # under FSDP: the model's unsharded shape, filled by gather_model at the end
     step: int = 0
     best_val_loss: float = math.inf
     initial_val_loss: float = math.inf  # the untrained model's (step 0)
@@ -141,31 +153,56 @@ class RunState:
 
 
 def start_run(task: TrainTask, cfg: TrainConfig, runtime: Runtime, stop: _StopSignal) -> RunState:
-    """The model on its device with optimizer and gradient scaler, resumed when asked."""
+    """The model on its device (sharded under FSDP, wrapped under DDP) with optimizer and gradient scaler,
+    resumed when asked."""
     model = task.model.to(runtime.device)
+    set_activation_checkpointing(model, cfg.activation_checkpointing)
+    parallel, skeleton = parallel_mode(cfg.parallel, runtime), None
+    if parallel == "fsdp":
+        check_fsdp_supported(model, runtime)
+        skeleton = skeleton_of(model)
+        shard_model(model, runtime)  # before the optimizer: it must hold the sharded parameters
     optimizer = AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.autocast_dtype == torch.float16)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    run = RunState(model, model, optimizer, scaler, task.loss, trainable, stop)
+    run = RunState(model, model, optimizer, scaler, task.loss, trainable, stop, parallel, skeleton)
     resume_from = load_resume_checkpoint(cfg.resume, runtime.out_dir)
     if resume_from is not None:
         restore(run, task, *resume_from, runtime)
-    if runtime.distributed:
+    if parallel == "ddp":
         device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
         # Buffers (RoPE tables, causal masks) are derived from the config, the same on every rank: not resent.
-        run.ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+        run.parallel_model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids,
+                                                                 broadcast_buffers=False)
     if cfg.compile:
         run.loss_fn = torch.compile(task.loss)
     model.train()
     return run
 
 
+def check_fsdp_supported(model: nn.Module, runtime: Runtime) -> None:
+    """FSDP here trains every weight of a float language model, in bf16 or fp32; anything else is a UserError."""
+    if runtime.autocast_dtype == torch.float16:
+        raise UserError("train.parallel fsdp: float16 needs a sharded gradient scaler, which is not supported; "
+                        "use train.dtype bfloat16 (or float32)")
+    if not isinstance(model, GPT) or not all(p.requires_grad and p.is_floating_point() for p in model.parameters()):
+        raise UserError("train.parallel fsdp: supports training every weight of a language model (pretrain.py, "
+                        "finetune_instruct.py with train.trainable all, no quantized base); use ddp here")
+
+
 def restore(run: RunState, task: TrainTask, state: dict[str, Any], path: Path, runtime: Runtime) -> None:
     """Continue from a checkpoint (loaded onto the CPU; load_state_dict copies to the parameters' device):
-    weights, optimizer, gradient scaler, data position, counters, RNG states."""
+    weights, optimizer, gradient scaler, data position, counters, RNG states. A sharded checkpoint's `state`
+    is its meta: its tensors load straight into the (sharded or whole) model and optimizer."""
     check_same_model(state, path, run.model.config, task.tokenizer)
-    load_model_state(run.model, state["model"], path)
-    run.optimizer.load_state_dict(state["optimizer"])
+    if path.is_dir():
+        load_sharded(path, run.model, run.optimizer)
+    elif run.parallel == "fsdp":
+        raise UserError(f"train.resume: {path} is an ordinary checkpoint; a run with train.parallel fsdp resumes "
+                        f"from a sharded one; write one with: python -m gpt consolidate {path} --out FOLDER")
+    else:
+        load_model_state(run.model, state["model"], path)
+        run.optimizer.load_state_dict(state["optimizer"])
     if state.get("scaler"):  # fp16 runs only; checkpoints from before it was saved have none
         run.scaler.load_state_dict(state["scaler"])
     task.train_batches.load_state_dict(state["data"])
@@ -180,19 +217,26 @@ def restore(run: RunState, task: TrainTask, state: dict[str, Any], path: Path, r
 
 
 def save(run: RunState, name: str, task: TrainTask, cfg: TrainConfig, runtime: Runtime) -> None:
-    """checkpoints/{name}.pt with everything an exact resume needs; rank 0 writes it."""
-    if not runtime.is_main:
+    """checkpoints/{name}.pt with everything an exact resume needs, written by rank 0; under FSDP the sharded
+    folder checkpoints/{name}/, every process writing its shards."""
+    if run.parallel != "fsdp" and not runtime.is_main:
         return
     scaler = {"scaler": run.scaler.state_dict()} if run.scaler.is_enabled() else {}
+    fields = dict(
+        step=run.step, rng=rng_state(runtime.device), data=task.train_batches.state_dict(),
+        best_val_loss=run.best_val_loss, initial_val_loss=run.initial_val_loss,
+        evals_without_improvement=run.evals_without_improvement, tokens_seen=run.tokens_seen,
+        train_seconds=run.train_seconds, train_config=cfg.to_dict(), **scaler, **task.checkpoint_extra,
+    )
+    folder = runtime.out_dir / "checkpoints"
     with run.stop.finish_writes_first():
-        save_checkpoint(
-            runtime.out_dir / "checkpoints" / f"{name}.pt", run.model, tokenizer=task.tokenizer,
-            optimizer=run.optimizer.state_dict(), step=run.step, rng=rng_state(runtime.device),
-            data=task.train_batches.state_dict(), best_val_loss=run.best_val_loss,
-            initial_val_loss=run.initial_val_loss, evals_without_improvement=run.evals_without_improvement,
-            tokens_seen=run.tokens_seen, train_seconds=run.train_seconds, train_config=cfg.to_dict(),
-            **scaler, **task.checkpoint_extra,
-        )
+        if run.parallel == "fsdp":
+            meta = dict(format=FORMAT, version=VERSION, model_config=run.model.config.to_dict(),
+                        tokenizer=task.tokenizer, **fields)
+            save_sharded(folder / name, run.model, run.optimizer, meta, runtime.is_main)
+        else:
+            save_checkpoint(folder / f"{name}.pt", run.model, tokenizer=task.tokenizer,
+                            optimizer=run.optimizer.state_dict(), **fields)
 
 
 # ----------------------------------------------------------------------------
@@ -234,11 +278,9 @@ def accumulate_gradients(
         batch = move_to(task.train_batches.next_batch(), runtime.device)
         tokens += task.batch_tokens(batch)
         sequence_length = task.sequence_length(batch) if task.sequence_length else None
-        last_micro = micro == cfg.grad_accum_steps - 1
-        sync = contextlib.nullcontext() if last_micro or not runtime.distributed else run.ddp_model.no_sync()
-        with sync:
+        with gradient_sync(run.parallel_model, sync=micro == cfg.grad_accum_steps - 1):
             with runtime.autocast():
-                loss = run.loss_fn(run.ddp_model, batch) / cfg.grad_accum_steps
+                loss = run.loss_fn(run.parallel_model, batch) / cfg.grad_accum_steps
             run.scaler.scale(loss).backward()
         loss_sum += loss.detach()
     return loss_sum, tokens, sequence_length
@@ -456,5 +498,6 @@ def train(task: TrainTask, cfg: TrainConfig, runtime: Runtime, run_config: dict[
                 plot_run_curves(runtime.out_dir)
             except Exception as err:
                 print(f"[curves.png not written: {err}]", file=sys.stderr)
+    model = gather_model(run.model, run.skeleton, runtime) if run.skeleton is not None else run.model
     return TrainResult(run.step, run.best_val_loss, run.last_val, stopped_early, stop_signal, run.train_seconds,
-                       run.tokens_seen / max(run.train_seconds, 1e-9))
+                       run.tokens_seen / max(run.train_seconds, 1e-9), model if runtime.is_main else None)
