@@ -1,10 +1,15 @@
-"""Tests for gpt/optim.py: AdamW against torch.optim.AdamW, exact resume, the schedule, clipping."""
+"""Tests for gpt/optim.py: AdamW against torch.optim.AdamW, exact resume, the schedule, clipping.
+
+The fused path's kernel is compiled once per process and dtype (seconds); the tests lower
+`FUSED_MIN_ELEMENTS` so that the tiny tensors here go through it.
+"""
 
 from __future__ import annotations
 
 import copy
 import io
 import math
+import warnings
 
 import pytest
 import torch
@@ -45,12 +50,18 @@ def make_model(dtype: torch.dtype = torch.float32) -> TinyLM:
     return TinyLM().to(dtype)
 
 
+@pytest.fixture
+def fused_for_small_tensors(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Send tensors of 64 elements and more through the fused kernel (TinyLM's matrices and its 64-wide bias)."""
+    monkeypatch.setattr(gpt.optim, "FUSED_MIN_ELEMENTS", 64)
+
+
 def make_optimizer(model: nn.Module, kind: str) -> torch.optim.Optimizer:
-    """'torch' is the reference; 'loop' and 'foreach' are our two paths. One group decays, one does not."""
+    """'torch' is the reference; 'loop', 'foreach' and 'fused' are our paths. One group decays, one does not."""
     groups = param_groups(model, weight_decay=0.1)
     if kind == "torch":
         return torch.optim.AdamW(groups, lr=BASE_LR, betas=(0.9, 0.95), foreach=False)
-    return AdamW(groups, lr=BASE_LR, betas=(0.9, 0.95), foreach=kind == "foreach")
+    return AdamW(groups, lr=BASE_LR, betas=(0.9, 0.95), foreach=kind == "foreach", fused=kind == "fused")
 
 
 def train(model: nn.Module, optimizer: torch.optim.Optimizer, steps: range) -> None:
@@ -77,7 +88,8 @@ def max_abs_difference(model_a: nn.Module, model_b: nn.Module) -> float:
     return max((a - b).abs().max().item() for a, b in zip(model_a.parameters(), model_b.parameters()))
 
 
-@pytest.mark.parametrize("kind", ["loop", "foreach"])
+@pytest.mark.usefixtures("fused_for_small_tensors")
+@pytest.mark.parametrize("kind", ["loop", "foreach", "fused"])
 @pytest.mark.parametrize(
     "dtype, tolerance",
     [pytest.param(torch.float32, 1e-6, id="float32"), pytest.param(torch.float64, 1e-13, id="float64")],
@@ -131,7 +143,8 @@ def test_loop_and_foreach_paths_agree(monkeypatch: pytest.MonkeyPatch, batch_byt
         assert torch.equal(loop_param, foreach_param)
 
 
-@pytest.mark.parametrize("kind", ["loop", "foreach"])
+@pytest.mark.usefixtures("fused_for_small_tensors")
+@pytest.mark.parametrize("kind", ["loop", "foreach", "fused"])
 def test_state_dict_round_trip_resumes_bit_for_bit(kind: str) -> None:
     straight = make_model()
     straight_optimizer = make_optimizer(straight, kind)
@@ -162,6 +175,142 @@ def test_state_dict_round_trip_resumes_bit_for_bit(kind: str) -> None:
         assert torch.equal(state["exp_avg_sq"], resumed_state[index]["exp_avg_sq"])
 
 
+def test_fused_path_follows_the_loop(monkeypatch: pytest.MonkeyPatch, fused_for_small_tensors: None) -> None:
+    """Tensors the kernel updates to float rounding; the others (small, non-contiguous) bit for bit."""
+    kernel_sizes = []
+    run_fused_kernel = gpt.optim._run_fused_kernel
+
+    def spy(*args):
+        kernel_sizes.append(args[0].numel())
+        return run_fused_kernel(*args)
+
+    monkeypatch.setattr(gpt.optim, "_run_fused_kernel", spy)
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(30, 7), (300,), (5,), (64,)]
+    initial = [torch.randn(shape, generator=generator) for shape in shapes]
+    initial.append(torch.randn(20, 9, generator=generator).t())  # non-contiguous
+    runs = {}
+    for kind in ("loop", "fused"):
+        params = [nn.Parameter(t.clone()) for t in initial]
+        optimizer = AdamW(
+            [{"params": params[:2]}, {"params": params[2:], "weight_decay": 0}],
+            betas=(0.9, 0.95), weight_decay=0.1, foreach=False, fused=kind == "fused",
+        )
+        for step in range(30):
+            for group in optimizer.param_groups:
+                group["lr"] = 1e-2 / (step + 1)
+            step_generator = torch.Generator().manual_seed(100 + step)
+            for param in params:
+                param.grad = torch.randn(param.shape, generator=step_generator)
+                if step % 4 == 1 and param.ndim == 1:
+                    param.grad = None
+            optimizer.step()
+        runs[kind] = params
+
+    assert set(kernel_sizes) == {210, 300, 64}  # the transposed (9, 20) and the 5 elements take the multi-tensor path
+    for loop, fused, start in zip(runs["loop"], runs["fused"], initial):
+        assert not torch.equal(loop, start)
+        if loop.numel() in kernel_sizes:
+            # The loop's lerp (m) and addcmul (v) round once with a fused multiply-add, the kernel
+            # rounds the product first: m and v differ by about an ulp, the parameters (of size
+            # about 1) by a few ulps (2.4e-7 here). A wrong term of the update would be 1e-3 off.
+            torch.testing.assert_close(fused, loop, rtol=1e-6, atol=1e-6)
+        else:
+            assert torch.equal(fused, loop)
+
+
+def test_fused_kernel_rounds_like_its_equations_run_op_by_op(fused_for_small_tensors: None) -> None:
+    """The compiled kernel computes exactly `_adamw_elementwise`'s arithmetic: no reordering, no fused multiply-add."""
+    generator = torch.Generator().manual_seed(0)
+    param, grad, exp_avg = (torch.randn(1000, generator=generator) for _ in range(3))
+    exp_avg_sq = torch.rand(1000, generator=generator)
+    scalars = (1 - 1e-3 * 0.1, 0.1, 0.95, 0.05, math.sqrt(1 - 0.95**3), 1e-8, -1e-3 / (1 - 0.9**3))
+    start = param.clone()
+    eager = [t.clone() for t in (param, grad, exp_avg, exp_avg_sq)]
+    gpt.optim._adamw_elementwise(*eager, *scalars)
+    with torch.no_grad():  # as in AdamW.step: the kernel compiled there serves
+        assert gpt.optim._run_fused_kernel(param, grad, exp_avg, exp_avg_sq, *scalars)
+    assert not torch.equal(param, start)
+    for compiled, op_by_op in zip((param, grad, exp_avg, exp_avg_sq), eager):
+        assert torch.equal(compiled, op_by_op)
+
+
+def test_fused_path_falls_back_when_torch_compile_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No working compiler: one warning, then the multi-tensor path's results, step after step."""
+
+    def compile_that_fails(function, **kwargs):
+        def compiled(*args):
+            raise torch._dynamo.exc.TorchDynamoException("InvalidCxxCompiler: no C++ compiler")
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", compile_that_fails)
+    monkeypatch.setattr(gpt.optim, "_fused_kernel", None)
+    monkeypatch.setattr(gpt.optim, "_fused_kernel_failed", False)
+    monkeypatch.setattr(gpt.optim, "FUSED_MIN_ELEMENTS", 2)
+    generator = torch.Generator().manual_seed(0)
+    initial = torch.randn(10, 3, generator=generator)
+    fused_param, foreach_param = nn.Parameter(initial.clone()), nn.Parameter(initial.clone())
+    fused, foreach = AdamW([fused_param], fused=True), AdamW([foreach_param], foreach=True)
+    for step in range(3):
+        grad = torch.randn(10, 3, generator=generator)
+        fused_param.grad, foreach_param.grad = grad.clone(), grad.clone()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fused.step()
+        messages = [str(w.message) for w in caught]
+        if step == 0:
+            assert len(messages) == 1 and "torch.compile failed" in messages[0] and "no C++ compiler" in messages[0]
+        else:
+            assert messages == []
+        foreach.step()
+        assert torch.equal(fused_param, foreach_param)
+    assert not torch.equal(fused_param, initial)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_path_on_cuda_follows_the_loop_and_torch(dtype: torch.dtype) -> None:
+    """On CUDA the kernel is Triton's: it follows the loop (float32) and torch's fused AdamW, without a host sync.
+
+    Two tensors are over FUSED_MIN_ELEMENTS (the kernel), two under (the multi-tensor path).
+    In bfloat16 the kernel, like torch's fused one, computes in float32 and rounds once per
+    stored tensor, where the loop rounds after each op: it is compared with torch's, to
+    within one bfloat16 rounding (2⁻⁷ of values in [1, 2)).
+    """
+    cuda = torch.device("cuda")
+    shapes = [(300, 257), (70_000,), (17,), (64, 64)]
+    settings = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    runs = {}
+    for name in ("fused", "loop", "torch"):
+        torch.manual_seed(0)
+        params = [torch.randn(shape, device=cuda, dtype=dtype, requires_grad=True) for shape in shapes]
+        if name == "torch":
+            optimizer = torch.optim.AdamW(params, **settings, fused=True)
+        else:
+            optimizer = AdamW(params, **settings, foreach=False, fused=name == "fused")
+        for step in range(5):
+            generator = torch.Generator(device=cuda).manual_seed(step)
+            for param in params:
+                param.grad = torch.randn(param.shape, device=cuda, dtype=dtype, generator=generator)
+            # After the first step (which compiles) a step only queues kernels: no host sync.
+            torch.cuda.set_sync_debug_mode("error" if name == "fused" and step > 0 else "default")
+            try:
+                optimizer.step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        runs[name] = [p.detach().float().cpu() for p in params]
+
+    assert not gpt.optim._fused_kernel_failed
+    for fused, loop, reference in zip(runs["fused"], runs["loop"], runs["torch"]):
+        if dtype == torch.float32:
+            # Fused multiply-adds round differently from the loop's op-by-op (see test_fused_path_follows_the_loop).
+            torch.testing.assert_close(fused, loop, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-6)
+        else:
+            torch.testing.assert_close(fused, reference, rtol=2**-7, atol=2**-7)
+
+
 def test_adamw_rejects_bad_hyperparameters() -> None:
     params = [nn.Parameter(torch.zeros(2))]
     for kwargs, name in [
@@ -170,6 +319,7 @@ def test_adamw_rejects_bad_hyperparameters() -> None:
         (dict(betas=(1.0, 0.999)), r"betas\[0\]"),
         (dict(betas=(0.9, -0.1)), r"betas\[1\]"),
         (dict(weight_decay=-0.1), "weight_decay"),
+        (dict(foreach=True, fused=True), "foreach and fused"),
     ]:
         with pytest.raises(ValueError, match=name):
             AdamW(params, **kwargs)

@@ -5,6 +5,9 @@ where the first dimension is odd) and run our AdamW and `clip_grad_norm` on them
 references run in this process on the whole tensors: our AdamW on plain tensors (bit for
 bit) and `torch.nn.utils.clip_grad_norm_`. Starting the two processes (each imports torch)
 is most of the time, so one run of the workers serves every test of the file.
+
+The fused path takes every tensor of 2 elements and more here (`FUSED_MIN_ELEMENTS`), so
+that a shard goes through the same kernel as its whole tensor.
 """
 
 from __future__ import annotations
@@ -16,13 +19,16 @@ import pytest
 import torch
 from torch import nn
 
+import gpt.optim
 from gpt.optim import AdamW, clip_grad_norm
 
 WORLD_SIZE = 2
 # (5, 3): rank 0 holds 3 rows, rank 1 holds 2. (1,): rank 1 holds an empty shard.
 SHAPES = [(5, 3), (4, 6), (7,), (2, 3, 2), (1,)]
 STEPS = 6
-ADAMW_CASES = [(foreach, weight_decay) for foreach in (False, True) for weight_decay in (0.0, 0.1)]
+PATHS = {"loop": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}
+ADAMW_CASES = [(path, weight_decay) for path in PATHS for weight_decay in (0.0, 0.1)]
+FUSED_MIN_ELEMENTS = 2
 MAX_NORMS = (0.5, 1e6)  # clipping active, inactive
 
 
@@ -41,7 +47,7 @@ def gradients(step: int) -> list[torch.Tensor | None]:
 
 
 def train(params: list[torch.Tensor], optimizer: AdamW, to_param_layout, steps: range) -> None:
-    """`steps` AdamW steps with a changing learning rate; `to_param_layout` turns a full gradient into the param's kind."""
+    """`steps` AdamW steps with a changing learning rate; `to_param_layout` makes a full gradient like the params."""
     for step in steps:
         for group in optimizer.param_groups:
             group["lr"] = 1e-2 / (step + 1)
@@ -50,10 +56,10 @@ def train(params: list[torch.Tensor], optimizer: AdamW, to_param_layout, steps: 
         optimizer.step()
 
 
-def make_optimizer(params: list[torch.Tensor], foreach: bool, weight_decay: float) -> AdamW:
+def make_optimizer(params: list[torch.Tensor], path: str, weight_decay: float) -> AdamW:
     return AdamW(
         [{"params": params[:2]}, {"params": params[2:], "weight_decay": 0.0}],
-        betas=(0.9, 0.95), weight_decay=weight_decay, foreach=foreach,
+        betas=(0.9, 0.95), weight_decay=weight_decay, **PATHS[path],
     )
 
 
@@ -92,6 +98,7 @@ def _worker(rank: int, rendezvous: str, out_dir: str) -> None:
     from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor, init_device_mesh
 
     torch.set_num_threads(1)
+    gpt.optim.FUSED_MIN_ELEMENTS = FUSED_MIN_ELEMENTS
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD_SIZE)
     try:
         mesh = init_device_mesh("cpu", (WORLD_SIZE,))
@@ -103,12 +110,12 @@ def _worker(rank: int, rendezvous: str, out_dir: str) -> None:
             return [nn.Parameter(shard(value)) for value in initial_values()]
 
         results: dict = {"adamw": {}, "clip": {}}
-        for foreach, weight_decay in ADAMW_CASES:
+        for path, weight_decay in ADAMW_CASES:
             params = sharded_params()
-            optimizer = make_optimizer(params, foreach, weight_decay)
+            optimizer = make_optimizer(params, path, weight_decay)
             train(params, optimizer, shard, range(STEPS))
             state = optimizer.state_dict()["state"]
-            results["adamw"][(foreach, weight_decay)] = {
+            results["adamw"][(path, weight_decay)] = {
                 "params": [p.full_tensor() for p in params],
                 "exp_avg": [state[i]["exp_avg"].full_tensor() for i in range(len(params))],
                 "exp_avg_sq": [state[i]["exp_avg_sq"].full_tensor() for i in range(len(params))],
@@ -121,13 +128,13 @@ def _worker(rank: int, rendezvous: str, out_dir: str) -> None:
 
         # Resume through torch.distributed.checkpoint: half the steps, save, load into a fresh run, the rest.
         first_half = sharded_params()
-        first_half_optimizer = make_optimizer(first_half, True, 0.1)
+        first_half_optimizer = make_optimizer(first_half, "foreach", 0.1)
         train(first_half, first_half_optimizer, shard, range(STEPS // 2))
         checkpoint_dir = Path(out_dir) / "dcp"
         dcp.save({"optimizer": get_optimizer_state_dict(Sharded(first_half), first_half_optimizer)},
                  checkpoint_id=checkpoint_dir)
         resumed = sharded_params()
-        resumed_optimizer = make_optimizer(resumed, True, 0.1)
+        resumed_optimizer = make_optimizer(resumed, "foreach", 0.1)
         loaded = {"optimizer": get_optimizer_state_dict(Sharded(resumed), resumed_optimizer)}
         dcp.load(loaded, checkpoint_id=checkpoint_dir)
         set_optimizer_state_dict(Sharded(resumed), resumed_optimizer, loaded["optimizer"])
@@ -184,11 +191,14 @@ def sharded_results(tmp_path_factory) -> dict:
     return torch.load(out_dir / "results.pt", weights_only=False)
 
 
-@pytest.mark.parametrize("foreach, weight_decay", ADAMW_CASES)
-def test_adamw_on_sharded_params_equals_adamw_on_whole_params(sharded_results, foreach, weight_decay) -> None:
-    sharded = sharded_results["adamw"][(foreach, weight_decay)]
+@pytest.mark.parametrize("path, weight_decay", ADAMW_CASES)
+def test_adamw_on_sharded_params_equals_adamw_on_whole_params(
+    sharded_results, monkeypatch: pytest.MonkeyPatch, path: str, weight_decay: float
+) -> None:
+    monkeypatch.setattr(gpt.optim, "FUSED_MIN_ELEMENTS", FUSED_MIN_ELEMENTS)
+    sharded = sharded_results["adamw"][(path, weight_decay)]
     params = [nn.Parameter(value) for value in initial_values()]
-    optimizer = make_optimizer(params, foreach, weight_decay)
+    optimizer = make_optimizer(params, path, weight_decay)
     train(params, optimizer, lambda grad: grad, range(STEPS))
 
     assert sharded["moments_sharded"]
@@ -203,7 +213,7 @@ def test_adamw_on_sharded_params_equals_adamw_on_whole_params(sharded_results, f
 
 
 def test_a_resume_through_distributed_checkpoint_continues_bit_for_bit(sharded_results) -> None:
-    straight = sharded_results["adamw"][(True, 0.1)]["params"]
+    straight = sharded_results["adamw"][("foreach", 0.1)]["params"]
     for resumed, uninterrupted in zip(sharded_results["resumed"], straight):
         assert torch.equal(resumed, uninterrupted)
 
