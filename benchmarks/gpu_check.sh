@@ -17,7 +17,8 @@
 #   6. peak GPU memory and step time with --train.activation_checkpointing false and true
 #   7. a few float16 steps: the gradient scaler's path
 # Results go to $OUT (default gpu-check/): summary.txt (one line per measurement, ready for BENCHMARKS.md),
-# bench.json, test_figures.jsonl (figures the gpu tests record), a log per step and step 6's peak-memory JSON.
+# bench.json, test_figures.jsonl (figures the gpu tests record) and a log per step. A run's peak memory is the
+# one its metrics.jsonl records.
 # The corpus and the run folders (checkpoints) stay in a temporary folder, removed at the end.
 # DRY=1 runs every step on the CPU with tiny shapes (configs/tiny.toml, a few steps, nothing compiled) to
 # check the script itself; PYTHON names the interpreter (default python3).
@@ -123,11 +124,10 @@ step pretrain-fsdp 90 "${torchrun[@]}" "${common[@]}" "${short[@]}" --train.dtyp
 report run "pretrain fsdp (torchrun, 1 process) $DTYPE eager" "$WORK/fsdp"
 
 for checkpointing in false true; do
-    step "pretrain-checkpointing-$checkpointing" 60 "$PY" -m benchmarks.gpu_check_report pretrain \
-        "$OUT/peak-checkpointing-$checkpointing.json" "${common[@]}" "${short[@]}" --train.dtype "$DTYPE" \
-        --train.activation_checkpointing "$checkpointing" --train.out_dir "$WORK/checkpointing-$checkpointing"
-    report run "pretrain $DTYPE eager, activation checkpointing $checkpointing" "$WORK/checkpointing-$checkpointing" \
-        "$OUT/peak-checkpointing-$checkpointing.json"
+    step "pretrain-checkpointing-$checkpointing" 60 "$PY" pretrain.py "${common[@]}" "${short[@]}" \
+        --train.dtype "$DTYPE" --train.activation_checkpointing "$checkpointing" \
+        --train.out_dir "$WORK/checkpointing-$checkpointing"
+    report run "pretrain $DTYPE eager, activation checkpointing $checkpointing" "$WORK/checkpointing-$checkpointing"
 done
 
 step pretrain-fp16 60 "$PY" pretrain.py "${common[@]}" "${short[@]}" --train.dtype float16 --train.out_dir "$WORK/fp16"

@@ -1,19 +1,13 @@
 """The lines of the GPU check's summary (benchmarks/gpu_check.sh), one per measurement, ready for BENCHMARKS.md.
 
-Three commands, each printing its lines to stdout:
-
     python -m benchmarks.gpu_check_report bench BENCH.json
         every training row of a `python -m gpt bench --out` report (tokens/s, step time, MFU against the
         measured and the published peak), the vocabulary padding's speed-up (ours-pad64 / ours) and ours
         against transformers
-    python -m benchmarks.gpu_check_report run LABEL RUN_DIR [PEAK.json]
-        one pretraining run from its metrics.jsonl: steps, last validation loss, the median tokens/s, step
-        time and MFU of the steps after the first logged ones (compilation, warm-up), and the peak memory
-        that `pretrain` below recorded
-    python -m benchmarks.gpu_check_report pretrain PEAK.json PRETRAIN_ARGS...
-        runs pretrain.py's main in this process, then writes its exit code and the run's peak memory
-        (gpt.runtime.peak_memory_mib: torch.cuda.max_memory_allocated on CUDA, peak RSS on CPU), which
-        pretrain.py does not report itself; exits with pretrain's code
+    python -m benchmarks.gpu_check_report run LABEL RUN_DIR
+        one pretraining run from its metrics.jsonl: steps, last losses, the median tokens/s, step time and MFU
+        of the steps after the first logged one (compilation, warm-up), and the peak memory the training
+        records carry (rank 0's: torch's allocated peak on a GPU, the peak resident set elsewhere)
 """
 
 from __future__ import annotations
@@ -23,10 +17,6 @@ import statistics
 import sys
 from pathlib import Path
 from typing import Any
-
-import torch
-
-from gpt.errors import run_cli
 
 WARM_UP_RECORDS = 1  # logged training records left out of the medians: the first step compiles and warms up
 
@@ -73,7 +63,7 @@ def ratio_lines(config: str, section: dict[str, Any], rows: list[dict[str, Any]]
     return lines
 
 
-def run_line(label: str, run_dir: Path, peak_file: Path | None = None) -> str:
+def run_line(label: str, run_dir: Path) -> str:
     """One pretraining run in a line (see the module docstring)."""
     metrics = run_dir / "metrics.jsonl"
     if not metrics.is_file():
@@ -94,9 +84,9 @@ def run_line(label: str, run_dir: Path, peak_file: Path | None = None) -> str:
         if tokens_per_step:
             parts.append(f"{1000 * tokens_per_step / tokens_per_s:.1f} ms/step of {tokens_per_step:,} tokens")
         parts.append(f"MFU {statistics.median(r['mfu'] for r in steady):.1%} of the measured peak")
-    if peak_file is not None and peak_file.is_file():
-        peak = json.loads(peak_file.read_text())
-        parts.append(f"peak memory {peak['peak_memory_mib']:,.0f} MiB ({peak['device']})")
+    peaks = [r["peak_memory_mib"] for r in train if "peak_memory_mib" in r]
+    if peaks:
+        parts.append(f"peak memory {max(peaks):,.0f} MiB")
     return f"{label}: " + ", ".join(parts)
 
 
@@ -108,26 +98,12 @@ def _tokens_per_step(train: list[dict[str, Any]]) -> int | None:
     return None
 
 
-def run_pretrain(peak_file: Path, argv: list[str]) -> int:
-    """pretrain.py's main on `argv` in this process; its exit code and the run's peak memory go to `peak_file`."""
-    import pretrain
-    from gpt.runtime import peak_memory_mib
-
-    device = torch.device(argv[argv.index("--train.device") + 1] if "--train.device" in argv else "cpu")
-    exit_code = pretrain.main(argv)
-    peak_file.write_text(json.dumps({"exit_code": exit_code, "device": str(device),
-                                     "peak_memory_mib": peak_memory_mib(device)}) + "\n")
-    return exit_code
-
-
 def main(argv: list[str]) -> int:
     command, rest = (argv[0], argv[1:]) if argv else ("", [])
     if command == "bench" and len(rest) == 1:
         print("\n".join(bench_lines(Path(rest[0]))))
-    elif command == "run" and len(rest) in (2, 3):
-        print(run_line(rest[0], Path(rest[1]), Path(rest[2]) if len(rest) == 3 else None))
-    elif command == "pretrain" and rest:
-        return run_pretrain(Path(rest[0]), rest[1:])
+    elif command == "run" and len(rest) == 2:
+        print(run_line(rest[0], Path(rest[1])))
     else:
         print(__doc__, file=sys.stderr)
         return 2
@@ -135,4 +111,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    run_cli(lambda: main(sys.argv[1:]))
+    sys.exit(main(sys.argv[1:]))

@@ -1,11 +1,10 @@
-"""benchmarks/gpu_check_report.py: the GPU check's summary lines from a bench report, a run's metrics, a run."""
+"""benchmarks/gpu_check_report.py: the GPU check's summary lines from a bench report and from a run's metrics."""
 
 from __future__ import annotations
 
 import json
-import resource
 
-from benchmarks.gpu_check_report import bench_lines, run_line, run_pretrain
+from benchmarks.gpu_check_report import bench_lines, run_line
 
 
 def write_records(path, records):
@@ -14,16 +13,16 @@ def write_records(path, records):
 
 def test_run_line_takes_the_medians_after_the_first_record_and_the_step_size_from_the_token_counts(tmp_path):
     speeds = [10.0, 100.0, 300.0, 200.0]  # the first is the compiling step, left out: median of the rest is 200
+    peaks = [9000, 12000, 12345, 12345]  # each record: the peak so far
     write_records(tmp_path / "metrics.jsonl", [
         {"step": 0, "split": "val", "loss": 10.5},
         *({"step": i + 1, "split": "train", "loss": 9.0 - i, "tokens_per_s": s, "mfu": 0.1 * (i + 1),
-           "tokens": 256 * (i + 1)} for i, s in enumerate(speeds)),
+           "tokens": 256 * (i + 1), "peak_memory_mib": peak} for i, (s, peak) in enumerate(zip(speeds, peaks))),
         {"step": 4, "split": "val", "loss": 5.25},
     ])
-    (tmp_path / "peak.json").write_text(json.dumps({"exit_code": 0, "device": "cuda", "peak_memory_mib": 12345.4}))
-    line = run_line("run", tmp_path, tmp_path / "peak.json")
+    line = run_line("run", tmp_path)
     assert line == ("run: 4 steps, val loss 5.2500 at step 4, train loss 6.0000, 200 tokens/s (median of steps 2-4), "
-                    "1280.0 ms/step of 256 tokens, MFU 30.0% of the measured peak, peak memory 12,345 MiB (cuda)")
+                    "1280.0 ms/step of 256 tokens, MFU 30.0% of the measured peak, peak memory 12,345 MiB")
     assert run_line("missing", tmp_path / "nowhere") == f"missing: no metrics.jsonl in {tmp_path / 'nowhere'}"
 
 
@@ -50,15 +49,3 @@ def test_bench_lines_give_each_row_and_the_padded_vocabulary_against_ours(tmp_pa
                         "peak, 15.0% of the published, compile 28 s")
     assert "bench gpt2-124m vocabulary 50,304 / 50,257 (ours-pad64 / ours) bf16 compiled: 1.100x tokens/s" in lines
     assert lines[-1] == "bench gpt2-124m ours / hf-gpt2 bf16 compiled: 0.50x tokens/s"
-
-
-def test_run_pretrain_records_the_exit_code_and_a_peak_memory(tmp_path, corpus):
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB (ru_maxrss in KiB on Linux)
-    argv = ["--model.n_layer", "1", "--model.d_model", "32", "--model.n_head", "2", "--model.context_length", "32",
-            "--train.batch_size", "2", "--train.max_steps", "2", "--train.eval_interval", "2",
-            "--train.eval_batches", "1", "--train.curves", "false", "--sample.max_new_tokens", "2",
-            "--train.device", "cpu", "--data.path", str(corpus), "--train.out_dir", str(tmp_path / "run")]
-    assert run_pretrain(tmp_path / "peak.json", argv) == 0
-    peak = json.loads((tmp_path / "peak.json").read_text())
-    assert peak["exit_code"] == 0 and peak["device"] == "cpu" and peak["peak_memory_mib"] >= rss_before
-    assert run_line("run", tmp_path / "run").startswith("run: 2 steps")
