@@ -108,8 +108,8 @@ pathlib.Path(sys.argv[1]).write_text(body * int(sys.argv[2]), encoding="utf-8")
 PY
 step prepare 60 "$PY" -m gpt prepare "$WORK/corpus.txt" --out "$WORK/corpus" --val-fraction 0.1
 common=(--config "$CONFIG" "${MODEL_FLAGS[@]}" --data.path "$WORK/corpus" --train.device "$DEVICE"
-        --train.batch_size "$BATCH" --train.grad_accum_steps 1 --train.warmup_steps 10 --train.eval_batches 4 --train.curves false
-        --sample.max_new_tokens 8)
+        --train.batch_size "$BATCH" --train.grad_accum_steps 1 --train.warmup_steps 10 --train.eval_batches 4
+        --train.curves false --sample.max_new_tokens 8)
 short=(--train.max_steps "$SHORT_STEPS" --train.eval_interval "$SHORT_STEPS" --train.log_interval 1
        --train.compile false)
 torchrun=("$PY" -m torch.distributed.run --standalone --nproc_per_node 1 pretrain.py)
