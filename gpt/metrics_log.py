@@ -2,7 +2,8 @@
 
 Each record has a `step` and a `split` ("train" or "val") and numbers: the training
 loop writes a "train" record every `log_interval` steps (loss, lr, tokens/s, gradient
-norm, MFU, tokens seen as "tokens") and a "val" record at every evaluation (validation
+norm, MFU, tokens seen as "tokens", rank 0's peak memory so far as "peak_memory_mib":
+torch's allocated peak on a GPU, the peak resident set elsewhere) and a "val" record at every evaluation (validation
 metrics, lr, tokens/s over the run, "tokens_seen"; a language model's "tokens" there are
 the validation tokens scored). Only rank 0 logs. gpt.curves reads the file back.
 

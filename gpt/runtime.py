@@ -7,7 +7,7 @@ when it is done:
         ...                       # data for runtime.rank / runtime.world_size, model, train()
 
 `setup_runtime` picks the device and the autocast precision, joins the process group
-under `torchrun`, claims the run folder (gpt.run_folder: created, locked, checked),
+under `torchrun` (FSDP in a single process gets a process group of one), claims the run folder (gpt.run_folder: created, locked, checked),
 switches on TF32 (CUDA) or glibc's keeping of freed memory (CPU), and seeds every random
 number generator. Leaving the `with` block leaves the process group (if the script has
 not left it already, to finish alone on rank 0) and unlocks the run folder.
@@ -157,6 +157,7 @@ class Runtime:
     world_size: int = 1
     local_rank: int = 0
     folder: RunFolder | None = None  # rank 0's claim on out_dir
+    group_of_one: bool = False  # FSDP in a single process: setup_runtime made a process group of one
 
     @property
     def is_main(self) -> bool:
@@ -176,7 +177,7 @@ class Runtime:
         """Leave the process group (the other processes may end; rank 0 may go on alone). Normally all
         together, after a barrier (a process that exits while others still talk to it aborts them); after
         an error at once, since the others may never get there."""
-        if dist.is_initialized():
+        if (self.distributed or self.group_of_one) and dist.is_initialized():
             if wait_for_others and self.distributed:
                 dist.barrier()
             dist.destroy_process_group()
@@ -210,6 +211,7 @@ def setup_runtime(cfg: TrainConfig, script: str) -> Runtime:
             device = torch.device("cuda", local_rank)
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # code that uses "the current device" (NCCL, Triton) lands on ours
+    group_of_one = False
     if (world_size > 1 or cfg.parallel == "fsdp") and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         if "MASTER_ADDR" in os.environ:  # launched by torchrun
@@ -217,6 +219,7 @@ def setup_runtime(cfg: TrainConfig, script: str) -> Runtime:
         else:  # FSDP in a single process started without torchrun: a process group of one
             dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1,
                                     device_id=device if device.type == "cuda" else None)
+            group_of_one = True
     folder = claim_run_folder(cfg, script) if rank == 0 else None
     out_dir = folder.path if folder is not None else Path(cfg.out_dir)
     dtype = pick_autocast_dtype(cfg.dtype, device)
@@ -224,7 +227,7 @@ def setup_runtime(cfg: TrainConfig, script: str) -> Runtime:
         print("[train.keep_freed_memory: glibc's malloc keeps freed memory for reuse]", file=sys.stderr)
     enable_tf32(device)
     seed_everything(cfg.seed)
-    return Runtime(device, dtype, out_dir, rank, world_size, local_rank, folder)
+    return Runtime(device, dtype, out_dir, rank, world_size, local_rank, folder, group_of_one)
 
 
 # ----------------------------------------------------------------------------

@@ -60,7 +60,7 @@ from .model import GPT
 from .optim import AdamW, clip_grad_norm, lr_at, param_groups
 from .parallel import gather_model, gradient_sync, parallel_mode, set_activation_checkpointing, shard_model, skeleton_of
 from .resume import check_same_model, load_resume_checkpoint, rng_state, set_rng_state
-from .runtime import Runtime, matmul_peak_flops
+from .runtime import Runtime, matmul_peak_flops, peak_memory_mib
 from .sharded_checkpoint import load_sharded, save_sharded
 
 # ----------------------------------------------------------------------------
@@ -351,7 +351,7 @@ class RunReport:
         if run.step % self.cfg.log_interval == 0 or run.step == self.cfg.max_steps:
             self.log.log({"step": run.step, "split": "train", "loss": stats.loss, "lr": stats.lr,
                           "tokens_per_s": tokens_per_s, "grad_norm": stats.grad_norm, "mfu": mfu,
-                          "tokens": run.tokens_seen})
+                          "tokens": run.tokens_seen, "peak_memory_mib": round(peak_memory_mib(self.runtime.device))})
 
     def validation(self, run: RunState, lr: float, improved: bool) -> None:
         """A "val" record of run.last_val, and its line on the terminal."""
@@ -382,7 +382,8 @@ def evaluate_and_checkpoint(
     run.last_val = evaluate(run.model, task, runtime)
     loss = run.last_val["loss"]
     diverged = not math.isfinite(loss) or loss > DIVERGED_FACTOR * run.initial_val_loss
-    improved = not diverged and loss < run.best_val_loss
+    # Taken by all processes together: under FSDP writing "best" is a collective every process must join.
+    improved = any_process(not diverged and loss < run.best_val_loss, runtime)
     if diverged:
         why = "not finite" if not math.isfinite(loss) else (
             f"over {DIVERGED_FACTOR:g} times the untrained model's {run.initial_val_loss:.4g}")

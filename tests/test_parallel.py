@@ -143,6 +143,16 @@ def test_activation_checkpointing_gives_the_same_gradients(dropout):
         assert torch.equal(grads[0][name], grads[1][name]), name
 
 
+def test_fsdp_in_one_process_trains_as_without_it(tmp_path, corpus):
+    """Started without torchrun, FSDP gets a process group of one (and leaves it at the end)."""
+    common = ["--train.max_steps", "2", "--train.eval_interval", "2", "--train.curves", "false"]
+    run(tmp_path / "plain", corpus, *common)
+    run(tmp_path / "fsdp", corpus, *common, "--train.parallel", "fsdp")
+    assert train_losses(tmp_path / "fsdp") == pytest.approx(train_losses(tmp_path / "plain"), rel=1e-6)
+    assert is_sharded_checkpoint(tmp_path / "fsdp" / "checkpoints" / "latest")
+    assert not torch.distributed.is_initialized()
+
+
 def test_fsdp_refuses_what_it_does_not_support(tmp_path, corpus):
     with pytest.raises(UserError, match="float16 needs a sharded gradient scaler"):
         run(tmp_path, corpus, "--train.parallel", "fsdp", "--train.dtype", "float16", "--train.max_steps", "1")
