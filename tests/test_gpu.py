@@ -6,8 +6,8 @@ gradient scale), flash attention in training, generation with padding, the KV ca
 under autocast and grouped-query attention on the fused kernels, bf16 selection, AdamW's
 multi-tensor path, peak memory and MFU reporting, the fp16 gradient scaler, evaluation
 memory, compile, the LM head at GPT-2's and the padded vocabulary, the bench's memory probes,
-TF32 in the command-line verbs; and 2:4-pruned weights on the sparse tensor cores (gpt.prune,
-issue 17).
+TF32 in the command-line verbs; FSDP in one process and activation checkpointing (issue 20);
+and 2:4-pruned weights on the sparse tensor cores (gpt.prune, issue 17).
 The whole file takes about two minutes on one H100/H200.
 """
 
@@ -344,6 +344,52 @@ def test_f13_compiled_training_on_gpu_matches_eager(tmp_path, corpus):
     run(tmp_path / "compiled", corpus, *common, "--train.compile", "true")
     for a, b in zip(train_losses(tmp_path / "eager"), train_losses(tmp_path / "compiled")):
         assert math.isclose(a, b, rel_tol=2e-2)
+
+
+# ---------------------------------------------------------------- FSDP and activation checkpointing (issue 20)
+
+
+def test_fsdp_on_one_gpu_gathers_in_bf16_and_resumes_bit_for_bit(tmp_path, corpus):
+    """FSDP in one process on the GPU (NCCL, weights gathered in bf16, gradients reduced in fp32) tracks the
+    plain bf16 run, writes sharded checkpoints, and a run stopped at step 2 continues as the straight one."""
+    common = ["--train.eval_interval", "2", "--train.dtype", "bfloat16", "--train.schedule", "constant",
+              "--model.attn_impl", "manual"]  # manual attention: no atomics in its backward, so exact repeats
+    run(tmp_path / "plain", corpus, *common, "--train.max_steps", "4")
+    run(tmp_path / "fsdp", corpus, *common, "--train.max_steps", "4", "--train.parallel", "fsdp")
+    for a, b in zip(train_losses(tmp_path / "plain"), train_losses(tmp_path / "fsdp"), strict=True):
+        assert math.isclose(a, b, rel_tol=2e-2)
+    assert (tmp_path / "fsdp" / "checkpoints" / "latest" / ".metadata").is_file()
+    run(tmp_path / "resumed", corpus, *common, "--train.max_steps", "2", "--train.parallel", "fsdp")
+    run(tmp_path / "resumed", corpus, *common, "--train.max_steps", "4", "--train.parallel", "fsdp",
+        "--train.resume", "auto")
+    assert train_losses(tmp_path / "resumed") == train_losses(tmp_path / "fsdp")
+
+
+def test_activation_checkpointing_lowers_peak_gpu_memory():
+    """GPT-2 124M shapes, batch 8 x 1,024 in bf16: recomputing each block in the backward pass keeps less
+    activation memory at the peak, and the same gradients (to the attention kernel's summation order)."""
+    config = ModelConfig.preset("gpt2-124m")
+    ids = torch.randint(0, config.vocab_size, (8, 1025), device=CUDA)
+    peaks, grads = [], []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = GPT(config).to(CUDA)
+        for block in model.blocks:
+            block.activation_checkpointing = checkpointing
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(ids[:, :-1], targets=ids[:, 1:])
+        loss.backward()
+        torch.cuda.synchronize()
+        peaks.append(torch.cuda.max_memory_allocated() / 2**20)
+        grads.append(model.blocks[0].attn.q_proj.weight.grad.float())
+        del model, loss
+        torch.cuda.empty_cache()
+    record("activation_checkpointing", peak_mib_off=round(peaks[0]), peak_mib_on=round(peaks[1]))
+    assert peaks[1] < 0.8 * peaks[0]
+    # The same computation, but SDPA's fused backward may sum in another order from one call to the next.
+    assert (grads[0] - grads[1]).norm() <= 1e-2 * grads[0].norm()
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="DDP over NCCL needs two GPUs")
