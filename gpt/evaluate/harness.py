@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 
 from ..errors import UserError
 from ..generate import stream_tokens
-from ..runtime import pick_device
+from ..runtime import enable_tf32, pick_device
 from ..weights import load_model_and_tokenizer
 from .multiple_choice import continuation_loglikelihoods, encode_pair, prefix_token
 
@@ -80,6 +80,7 @@ class HarnessModel(LM):
         self.batch_size = _positive_int(batch_size, "batch_size")
         self.max_gen_toks = _positive_int(max_gen_toks, "max_gen_toks")
         self._device = pick_device(str(device), "--device")
+        enable_tf32(self._device)  # float32 matmuls on a GPU's tensor cores, as the other verbs run them
         loaded = load_model_and_tokenizer(str(model), seed=int(seed))
         self.model, self.tokenizer = loaded.model.to(self._device).eval(), loaded.tokenizer
         self.prefix_id = prefix_token(self.tokenizer)  # the harness' `prefix_token_id`: an empty context
