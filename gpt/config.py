@@ -302,7 +302,9 @@ class TrainConfig(Section):
         "help": "CPU on Linux: glibc malloc keeps freed memory for reuse instead of unmapping it "
                 "(far fewer page faults, faster steps: BENCHMARKS.md; the process keeps its peak size, "
                 "which can be larger: turn off when memory is tight)"})
-    resume: str = field(default="", metadata={"help": "'auto' (latest checkpoint in out_dir) or a checkpoint path"})
+    resume: str = field(default="", metadata={
+        "help": "'auto' (out_dir's latest checkpoint, file or sharded folder), or a checkpoint file, sharded "
+                "checkpoint folder or run folder"})
     wandb_project: str = field(default="", metadata={"help": "log to this Weights & Biases project (if installed)"})
     tensorboard: bool = field(default=False, metadata={"help": "also log to TensorBoard in out_dir (if installed)"})
     curves: bool = field(default=True, metadata={"help": "draw curves.png in out_dir when the run ends (if "
