@@ -39,9 +39,9 @@ SCHEDULES = ("cosine", "constant")
 # a batch's parameters, gradients, moments and denominators stay in cache across the passes.
 FOREACH_CPU_BATCH_BYTES = 1 << 20
 
-# Tensors with fewer elements take the multi-tensor path even when fused=True: one call of
-# the compiled kernel costs more than the whole update of a small tensor. (Being large also
-# keeps the sizes 0 and 1, which torch.compile would compile separately, away from it.)
+# With fused=True, a tensor of this many elements or more gets a call of the compiled kernel
+# of its own; smaller ones are gathered into flat buffers, updated by one call and copied
+# back. Around this size the copies cost about what a call does.
 FUSED_MIN_ELEMENTS = 1 << 16
 
 # One parameter's share of an update: (param, grad, exp_avg, exp_avg_sq, −step size, √(1 − β2ᵗ)).
@@ -61,7 +61,7 @@ class AdamW(torch.optim.Optimizer):
 
     The constructor matches `torch.optim.AdamW`: `params` is an iterable of tensors
     or of param-group dicts, and every group may override `lr`, `betas`, `eps`,
-    `weight_decay` and `foreach`. The training loop may set `param_groups[i]["lr"]`
+    `weight_decay`, `foreach` and `fused`. The training loop may set `param_groups[i]["lr"]`
     before each step. Parameters whose `.grad` is None are skipped (their step
     count does not advance). The state of each parameter is `step` (a Python int),
     `exp_avg` (m) and `exp_avg_sq` (v), so `state_dict()` survives
@@ -78,15 +78,20 @@ class AdamW(torch.optim.Optimizer):
     - `foreach=True` or None, `fused` not True (the default): the multi-tensor path. It
       works on every device (it groups tensors by device and dtype) and rounds like the
       loop, so the two give equal results.
-    - `fused=True`: the equations of one step compiled by `torch.compile` into a single
-      kernel per tensor, which reads the parameter, gradient and moments once and writes
-      them once: the fastest path on CPU and CUDA for models of a few million parameters
-      and up. Compiling takes seconds, once per process (and needs a C++ compiler on
-      the CPU); tensors under `FUSED_MIN_ELEMENTS` elements, non-contiguous ones and
-      other devices take the multi-tensor path, and where torch.compile fails the
-      whole update does, after a warning. Its plain arithmetic rounds where the loop's
-      lerp and addcmul round differently (a fused multiply-add), so results match the
-      loop to float rounding, not bit for bit.
+    - `fused=True`: the fastest path for training, on CPU and CUDA: the equations of a
+      step compiled by `torch.compile` into one kernel, which reads each parameter,
+      gradient and moment once and writes each once. A tensor of `FUSED_MIN_ELEMENTS`
+      elements or more gets a call of its own; the smaller ones share one, gathered
+      into flat buffers. Compiling takes seconds, once per process and dtype, and needs
+      a C++ compiler on the CPU; where torch.compile fails, the multi-tensor path takes
+      over after a warning. Non-contiguous tensors and other devices take it too. On the
+      CPU the kernel rounds each operation of the equations once, exactly; the loop's
+      lerp and addcmul keep a product unrounded (a fused multiply-add) and its sqrt is
+      not always exact, so the two agree to float rounding, not bit for bit.
+
+    The default needs no compiler, costs no compile time and equals the loop. A
+    checkpoint's param groups carry `foreach` and `fused`, so a resumed run continues on
+    the path it was saved with, bit for bit.
     """
 
     def __init__(
@@ -228,44 +233,60 @@ class AdamW(torch.optim.Optimizer):
                 torch._foreach_addcdiv_(thetas, exp_avgs, denoms, neg_step_sizes)
 
     def _update_fused(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
-        """The fused path: the compiled kernel for each large tensor, the multi-tensor path for the rest."""
+        """The fused path: one kernel call per large tensor, one per batch of small ones.
+
+        The small tensors of one device, dtype and step (which sets the bias corrections) are
+        concatenated, four flat buffers, updated by one call, and the parameters and
+        moments copied back. Non-contiguous tensors, other devices than the CPU and CUDA,
+        and everything once compiling has failed take the multi-tensor path.
+        """
         lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
         beta1, beta2 = group["betas"]
+        hyperparameters: dict[tuple[torch.device, torch.dtype, float, float], torch.Tensor] = {}
+
+        def run_kernel(tensors: list[torch.Tensor], neg_step_size: float, bias_correction2_sqrt: float) -> bool:
+            """Update the four flat tensors; False if the kernel is unavailable (they are then untouched)."""
+            key = (tensors[0].device, tensors[0].dtype, neg_step_size, bias_correction2_sqrt)
+            if key not in hyperparameters:  # one small tensor for all the parameters at the same step
+                values = [1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2, bias_correction2_sqrt, eps, neg_step_size]
+                hyperparameters[key] = _hyperparameters_tensor(values, tensors[0].device, tensors[0].dtype)
+            return _run_fused_kernel(*tensors, hyperparameters[key])
+
         rest = []
+        small: dict[tuple[torch.device, torch.dtype, float, float], list[_Row]] = defaultdict(list)
         for row in self._rows(group, params):
             param, grad, exp_avg, exp_avg_sq, neg_step_size, bias_correction2_sqrt = row
-            tensors = (param, grad, exp_avg, exp_avg_sq)
-            fusable = (
-                param.numel() >= FUSED_MIN_ELEMENTS
-                and param.device.type in ("cpu", "cuda")
-                and all(t.is_contiguous() for t in tensors)
-            )
-            if not fusable or not _run_fused_kernel(
-                *(t.view(-1) for t in tensors),
-                1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2, bias_correction2_sqrt, eps, neg_step_size,
-            ):
+            contiguous = param.is_contiguous() and grad.is_contiguous() and exp_avg.is_contiguous()
+            if param.device.type not in ("cpu", "cuda") or not (contiguous and exp_avg_sq.is_contiguous()):
                 rest.append(row)
+            elif param.numel() < FUSED_MIN_ELEMENTS:
+                small[(param.device, param.dtype, neg_step_size, bias_correction2_sqrt)].append(row)
+            # Plain, flat, not views: torch.compile would compile anew for a Parameter, or for a view
+            # of a tensor of another rank.
+            elif not run_kernel([_flat(t).detach() for t in row[:4]], neg_step_size, bias_correction2_sqrt):
+                rest.append(row)
+        for (_, _, neg_step_size, bias_correction2_sqrt), rows in small.items():
+            sizes = [row[0].numel() for row in rows]
+            flat = [torch.cat([_flat(row[column]) for row in rows]) for column in range(4)]  # each (sum(sizes),)
+            # Below 2 elements the compiled kernel would be compiled anew (torch.compile specializes sizes 0 and 1).
+            if sum(sizes) < 2 or not run_kernel(flat, neg_step_size, bias_correction2_sqrt):
+                rest.extend(rows)
+                continue
+            for column in (0, 2, 3):  # param, exp_avg, exp_avg_sq
+                torch.split_with_sizes_copy(flat[column], sizes, out=[_flat(row[column]) for row in rows])
         self._update_foreach(group, rest)
 
 
 def _adamw_elementwise(
-    param: torch.Tensor,
-    grad: torch.Tensor,
-    exp_avg: torch.Tensor,
-    exp_avg_sq: torch.Tensor,
-    decay: float,
-    one_minus_beta1: float,
-    beta2: float,
-    one_minus_beta2: float,
-    bias_correction2_sqrt: float,
-    eps: float,
-    neg_step_size: float,
+    param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, hyperparameters: torch.Tensor
 ) -> None:
     """One AdamW step of flat tensors, the loop's equations in plain arithmetic, for torch.compile to fuse.
 
-    The inputs are read once and updated in place once. The hyperparameters are arguments,
-    not constants, so one compiled kernel serves every step, learning rate and group.
+    The inputs are read once and updated in place once. The hyperparameters come as a
+    tensor (see `_hyperparameters_tensor`), not as constants, so one compiled kernel serves
+    every step, learning rate and group.
     """
+    decay, one_minus_beta1, beta2, one_minus_beta2, bias_correction2_sqrt, eps, neg_step_size = hyperparameters.unbind()
     new_exp_avg = exp_avg + one_minus_beta1 * (grad - exp_avg)
     new_exp_avg_sq = exp_avg_sq * beta2 + one_minus_beta2 * grad * grad
     denom = new_exp_avg_sq.sqrt() / bias_correction2_sqrt + eps
@@ -274,13 +295,36 @@ def _adamw_elementwise(
     exp_avg_sq.copy_(new_exp_avg_sq)
 
 
-# The compiled `_adamw_elementwise`, made on first use, and whether compiling it has failed.
+def _hyperparameters_tensor(values: list[float], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(1 − lr·λ, 1 − β1, β2, 1 − β2, √(1 − β2ᵗ), ε, −step size) for parameters of `dtype` on `device`.
+
+    One tensor argument costs the compiled kernel's call less than seven numbers, which it
+    would wrap into a tensor each. The values are rounded as the loop's ops round a Python
+    number: to float32 for float32 and narrower parameters, to float64 for float64 ones
+    (so the kernel does no conversions either). On CUDA the copy goes from pinned memory,
+    queued behind the device's work instead of waiting for it.
+    """
+    dtype = torch.promote_types(dtype, torch.float32)
+    if device.type == "cpu":
+        return torch.tensor(values, dtype=dtype)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+
+
+# The compiled `_adamw_elementwise`, made on first use; the (device, dtype) pairs it has been
+# compiled for; whether compiling has failed.
 _fused_kernel: Callable[..., None] | None = None
+_fused_kernel_compiled_for: set[tuple[torch.device, torch.dtype]] = set()
 _fused_kernel_failed = False
 
+# The size of the tensors the kernel is compiled with: Inductor decides from the sizes it
+# compiles for whether a CPU kernel runs on all threads, and the kernel then serves all sizes.
+_FUSED_COMPILE_ELEMENTS = 1 << 20
 
-def _run_fused_kernel(*args: Any) -> bool:
-    """Run the compiled kernel; False (the tensors untouched) when torch.compile is unavailable here.
+
+def _run_fused_kernel(
+    param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, hyperparameters: torch.Tensor
+) -> bool:
+    """Run the compiled `_adamw_elementwise`; False (the tensors untouched) when torch.compile is unavailable here.
 
     Sizes are dynamic, so one compilation per device and dtype serves every tensor. The
     first failure to compile (no C++ compiler for the CPU, no Triton for the GPU) warns
@@ -293,7 +337,11 @@ def _run_fused_kernel(*args: Any) -> bool:
     if _fused_kernel is None:
         _fused_kernel = torch.compile(_adamw_elementwise, dynamic=True, fullgraph=True)
     try:
-        _fused_kernel(*args)
+        if (param.device, param.dtype) not in _fused_kernel_compiled_for:
+            zeros = [torch.zeros(_FUSED_COMPILE_ELEMENTS, device=param.device, dtype=param.dtype) for _ in range(4)]
+            _fused_kernel(*zeros, hyperparameters)  # zero moments and gradients: the zeros stay zeros
+            _fused_kernel_compiled_for.add((param.device, param.dtype))
+        _fused_kernel(param, grad, exp_avg, exp_avg_sq, hyperparameters)
     except torch._dynamo.exc.TorchDynamoException as error:  # how torch.compile reports a failure to compile
         _fused_kernel_failed = True
         reason = " ".join(str(error).split("\n\n")[0].split())  # without torch's advice on logging
@@ -309,6 +357,11 @@ def _run_fused_kernel(*args: Any) -> bool:
 def _local(tensor: torch.Tensor) -> torch.Tensor:
     """The tensor itself, or of a DTensor the shard this rank holds (a view: updating it updates the DTensor)."""
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def _flat(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor as one dimension (a view; the tensor itself if it has one already)."""
+    return tensor if tensor.ndim == 1 else tensor.view(-1)
 
 
 def _same_layout(param: torch.Tensor, grad: torch.Tensor) -> bool:

@@ -6,8 +6,9 @@ references run in this process on the whole tensors: our AdamW on plain tensors 
 bit) and `torch.nn.utils.clip_grad_norm_`. Starting the two processes (each imports torch)
 is most of the time, so one run of the workers serves every test of the file.
 
-The fused path takes every tensor of 2 elements and more here (`FUSED_MIN_ELEMENTS`), so
-that a shard goes through the same kernel as its whole tensor.
+The fused path's kernel updates tensors of 6 elements and more alone here, smaller ones
+gathered (`FUSED_MIN_ELEMENTS`): a shard may go one way and its whole tensor the other,
+with the same arithmetic.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ SHAPES = [(5, 3), (4, 6), (7,), (2, 3, 2), (1,)]
 STEPS = 6
 PATHS = {"loop": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}
 ADAMW_CASES = [(path, weight_decay) for path in PATHS for weight_decay in (0.0, 0.1)]
-FUSED_MIN_ELEMENTS = 2
+FUSED_MIN_ELEMENTS = 6
 MAX_NORMS = (0.5, 1e6)  # clipping active, inactive
 
 
