@@ -73,9 +73,9 @@ def mlp_batch(rank: int, step: int) -> torch.Tensor:
     return torch.randn(4, 3, generator=torch.Generator().manual_seed(10 * step + rank))
 
 
-def train_mlp(model: nn.Module, losses_of_step) -> None:
-    """Steps of clipped AdamW (multi-tensor path) on `model`; `losses_of_step(step)` is the loss to backpropagate."""
-    optimizer = AdamW(model.parameters(), lr=1e-2, foreach=True)
+def train_mlp(model: nn.Module, path: str, losses_of_step) -> None:
+    """Steps of clipped AdamW on `model` by `path`; `losses_of_step(step)` is the loss to backpropagate."""
+    optimizer = AdamW(model.parameters(), lr=1e-2, **PATHS[path])
     for step in range(STEPS):
         losses_of_step(step).backward()
         clip_grad_norm(model.parameters(), 0.5)
@@ -156,10 +156,12 @@ def _worker(rank: int, rendezvous: str, out_dir: str) -> None:
         # FSDP2 itself: each rank's batch, gradients averaged over the ranks by fully_shard.
         from torch.distributed.fsdp import fully_shard
 
-        model = tiny_mlp()
-        fully_shard(model, mesh=mesh)
-        train_mlp(model, lambda step: model(mlp_batch(rank, step)).square().mean())
-        results["fsdp2"] = [p.full_tensor() for p in model.parameters()]
+        results["fsdp2"] = {}
+        for path in ("foreach", "fused"):
+            model = tiny_mlp()
+            fully_shard(model, mesh=mesh)
+            train_mlp(model, path, lambda step: model(mlp_batch(rank, step)).square().mean())
+            results["fsdp2"][path] = [p.full_tensor() for p in model.parameters()]
 
         # Clipping: all gradients sharded but the last, which every rank holds whole (Replicate).
         for max_norm in MAX_NORMS:
@@ -219,12 +221,20 @@ def test_a_resume_through_distributed_checkpoint_continues_bit_for_bit(sharded_r
         assert torch.equal(resumed, uninterrupted)
 
 
-def test_fsdp2_training_equals_training_on_both_batches(sharded_results) -> None:
+@pytest.mark.parametrize("path", ["foreach", "fused"])
+def test_fsdp2_training_equals_training_on_both_batches(
+    sharded_results, monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
     """fully_shard's parameters through clip_grad_norm and AdamW, against one process averaging both ranks' losses."""
+    monkeypatch.setattr(gpt.optim, "FUSED_MIN_ELEMENTS", FUSED_MIN_ELEMENTS)
     model = tiny_mlp()
     start = [p.detach().clone() for p in model.parameters()]
-    train_mlp(model, lambda step: sum(model(mlp_batch(rank, step)).square().mean() for rank in range(WORLD_SIZE)) / 2)
-    for sharded, param, initial in zip(sharded_results["fsdp2"], model.parameters(), start):
+
+    def loss_of_both_batches(step: int) -> torch.Tensor:
+        return sum(model(mlp_batch(rank, step)).square().mean() for rank in range(WORLD_SIZE)) / 2
+
+    train_mlp(model, path, loss_of_both_batches)
+    for sharded, param, initial in zip(sharded_results["fsdp2"][path], model.parameters(), start):
         assert not torch.equal(param, initial)
         # Bit for bit: a sum of two gradients rounds the same in either order, and the
         # halvings (of the loss here, of the summed gradient in FSDP2) are exact.
