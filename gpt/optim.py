@@ -235,11 +235,15 @@ class AdamW(torch.optim.Optimizer):
     def _update_fused(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         """The fused path: one kernel call per large tensor, one per batch of small ones.
 
-        The small tensors of one device, dtype and step (which sets the bias corrections) are
-        concatenated, four flat buffers, updated by one call, and the parameters and
-        moments copied back. Non-contiguous tensors, other devices than the CPU and CUDA,
-        and everything once compiling has failed take the multi-tensor path.
+        The small tensors of one device, dtype and step (the step sets the bias corrections)
+        are concatenated into four flat buffers (parameters, gradients, m, v), which one call
+        updates; the parameters and moments are then copied back. Non-contiguous tensors,
+        devices other than the CPU and CUDA, and everything once compiling has failed take
+        the multi-tensor path.
         """
+        if _fused_kernel_failed:
+            self._update_foreach(group, self._rows(group, params))
+            return
         lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
         beta1, beta2 = group["betas"]
         hyperparameters: dict[tuple[torch.device, torch.dtype, float, float], torch.Tensor] = {}
