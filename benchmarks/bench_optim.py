@@ -114,6 +114,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     for size in args.sizes:
         bench(size, args.rounds, torch.device(args.device))
