@@ -292,6 +292,10 @@ class TrainConfig(Section):
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N | mps"})
     dtype: str = field(default="auto", metadata={"help": "auto | float32 | bfloat16 | float16 (autocast precision)"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model and loss"})
+    fused_optimizer: bool = field(default=False, metadata={
+        "help": "AdamW's update as one compiled kernel per tensor (torch.compile, CPU or CUDA; a few seconds "
+                "of compiling at the first step; equal to the default multi-tensor path to float rounding; "
+                "where compiling fails, a warning and the multi-tensor path)"})
     parallel: str = field(default="auto", metadata={
         "help": "how the processes of a torchrun launch share the work: ddp (each holds the whole model) | fsdp "
                 "(FSDP2: parameters, gradients and optimizer state sharded; sharded checkpoints) | auto (ddp)"})

@@ -46,7 +46,9 @@ def find_resume_checkpoint(resume: str, out_dir: Path) -> Path | None:
 
 
 def _latest_in(run_folder: Path) -> Path | None:
-    for latest in (run_folder / "checkpoints" / "latest.pt", run_folder / "checkpoints" / "latest"):
+    # .latest.previous: a sharded latest/ set aside, when the run stopped before its successor took its name
+    checkpoints = run_folder / "checkpoints"
+    for latest in (checkpoints / "latest.pt", checkpoints / "latest", checkpoints / ".latest.previous"):
         if latest.is_file() or is_sharded_checkpoint(latest):
             return latest
     return None

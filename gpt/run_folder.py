@@ -33,7 +33,7 @@ from .errors import UserError
 from .files import remove_stale_temporaries
 
 LOCK_NAME = "run.lock"
-RUN_FILES = ("metrics.jsonl", "config.json", "report.json")  # besides checkpoints/*.pt
+RUN_FILES = ("metrics.jsonl", "config.json", "report.json")  # besides checkpoints/*.pt and sharded folders
 RUN_OUTPUTS = (*RUN_FILES, "report.md", "responses.jsonl", LOCK_NAME)  # what a verb may not write over
 
 
@@ -113,6 +113,7 @@ def run_files(path: Path) -> list[str]:
     """The files in `path` that belong to a run (relative names)."""
     found = [name for name in RUN_FILES if (path / name).is_file()]
     found += sorted(f"checkpoints/{p.name}" for p in (path / "checkpoints").glob("*.pt"))
+    found += sorted(f"checkpoints/{p.parent.name}/" for p in (path / "checkpoints").glob("*/meta.pt"))  # sharded
     return found
 
 

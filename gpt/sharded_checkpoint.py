@@ -17,7 +17,9 @@ processes (or in one process, or under DDP).
 
 Atomic at the folder level: the processes write into checkpoints/.latest.partial, and
 rank 0 renames it into place once DCP's metadata and meta.pt are complete (the previous
-folder set aside first, then removed). A folder without both files is never used.
+folder set aside as .latest.previous first, then removed; a run stopped between the two
+renames resumes from it). A folder without both files is never used; a full disk is a
+one-line error, and the previous checkpoint stays.
 
 `consolidate` turns a sharded checkpoint into an ordinary checkpoint dict (what every verb
 loads; `gpt.checkpoint.load_checkpoint` does it on the fly) and `write_sharded` an ordinary
@@ -44,7 +46,7 @@ from torch.distributed.fsdp import FSDPModule
 from .checkpoint import FORMAT, load_checkpoint, tensor_bytes
 from .config import ModelConfig
 from .errors import ConfigError, UserError
-from .files import atomic_write
+from .files import atomic_write, disk_full_error, is_disk_full
 from .model import GPT
 from .optim import AdamW, param_groups
 
@@ -97,8 +99,13 @@ def _write(folder: Path, tensors: dict[str, Any], meta: dict[str, Any], is_main:
         partial.mkdir(parents=True)
     if distributed:
         dist.barrier()  # nobody writes into the folder before it is fresh
-    with _quiet_if(not distributed):
-        dcp.save(tensors, checkpoint_id=partial, no_dist=not distributed)  # returns once .metadata is written
+    try:
+        with _quiet_if(not distributed):
+            dcp.save(tensors, checkpoint_id=partial, no_dist=not distributed)  # returns once .metadata is written
+    except Exception as err:
+        if is_disk_full(err):  # the previous checkpoint under `folder` is untouched
+            raise disk_full_error(partial, err, tensor_bytes(tensors)) from None
+        raise
     if is_main:
         atomic_write(partial / META_FILE, lambda f: torch.save(meta, f))
         _swap_into_place(partial, folder)

@@ -162,13 +162,16 @@ def start_run(task: TrainTask, cfg: TrainConfig, runtime: Runtime, stop: _StopSi
         check_fsdp_supported(model, runtime)
         skeleton = skeleton_of(model)
         shard_model(model, runtime)  # before the optimizer: it must hold the sharded parameters
-    optimizer = AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    optimizer = AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                      fused=cfg.fused_optimizer)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.autocast_dtype == torch.float16)
     trainable = [p for p in model.parameters() if p.requires_grad]
     run = RunState(model, model, optimizer, scaler, task.loss, trainable, stop, parallel, skeleton)
     resume_from = load_resume_checkpoint(cfg.resume, runtime.out_dir)
     if resume_from is not None:
         restore(run, task, *resume_from, runtime)
+        for group in optimizer.param_groups:  # the checkpoint's groups carry the path it was trained with
+            group["fused"] = cfg.fused_optimizer
     if parallel == "ddp":
         device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
         # Buffers (RoPE tables, causal masks) are derived from the config, the same on every rank: not resent.

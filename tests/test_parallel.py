@@ -5,6 +5,7 @@ resumed. The references are independent of FSDP: one process on the whole global
 uninterrupted FSDP run.
 """
 
+import errno
 import math
 import os
 import shutil
@@ -15,10 +16,14 @@ import torch
 import torch.multiprocessing as mp
 
 import pretrain
-from gpt.checkpoint import load_checkpoint, model_from_checkpoint
+from gpt import sharded_checkpoint
+from gpt.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from gpt.config import ModelConfig
 from gpt.errors import UserError
 from gpt.model import GPT
+from gpt.optim import AdamW, param_groups
+from gpt.resume import find_resume_checkpoint
+from gpt.run_folder import run_files
 from gpt.sharded_checkpoint import consolidate, consolidate_cli, is_sharded_checkpoint, write_sharded
 from tests.test_train import SMALL_RUN, metrics, run
 
@@ -156,3 +161,42 @@ def test_fsdp_in_one_process_trains_as_without_it(tmp_path, corpus):
 def test_fsdp_refuses_what_it_does_not_support(tmp_path, corpus):
     with pytest.raises(UserError, match="float16 needs a sharded gradient scaler"):
         run(tmp_path, corpus, "--train.parallel", "fsdp", "--train.dtype", "float16", "--train.max_steps", "1")
+
+
+@pytest.fixture
+def small_checkpoint(tmp_path) -> dict:
+    """An ordinary checkpoint of a one-block model after one AdamW step, as load_checkpoint returns it."""
+    config = ModelConfig(vocab_size=64, context_length=8, d_model=16, n_layer=1, n_head=2)
+    torch.manual_seed(0)
+    model = GPT(config)
+    optimizer = AdamW(param_groups(model, 0.1))
+    ids = torch.randint(0, 64, (2, 9))
+    model(ids[:, :-1], targets=ids[:, 1:]).backward()
+    optimizer.step()
+    save_checkpoint(tmp_path / "small.pt", model, optimizer=optimizer.state_dict(), step=1,
+                    train_config={"weight_decay": 0.1})
+    return load_checkpoint(tmp_path / "small.pt")
+
+
+def test_a_full_disk_is_a_clear_error_and_keeps_the_previous_sharded_checkpoint(small_checkpoint, tmp_path,
+                                                                                 monkeypatch):
+    folder = tmp_path / "checkpoints" / "latest"
+    write_sharded(small_checkpoint, folder, tmp_path / "small.pt")
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(sharded_checkpoint.dcp, "save", disk_full)
+    with pytest.raises(UserError, match="no space left on the device"):
+        write_sharded({**small_checkpoint, "step": 2}, folder, tmp_path / "small.pt")
+    assert consolidate(folder)["step"] == 1
+
+
+def test_a_run_stopped_while_swapping_folders_resumes_from_the_one_set_aside(small_checkpoint, tmp_path):
+    write_sharded(small_checkpoint, tmp_path / "checkpoints" / ".latest.previous", tmp_path / "small.pt")
+    assert find_resume_checkpoint("auto", tmp_path) == tmp_path / "checkpoints" / ".latest.previous"
+
+
+def test_a_fresh_run_does_not_write_over_a_sharded_checkpoint(small_checkpoint, tmp_path):
+    write_sharded(small_checkpoint, tmp_path / "checkpoints" / "latest", tmp_path / "small.pt")
+    assert run_files(tmp_path) == ["checkpoints/latest/"]

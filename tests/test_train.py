@@ -283,3 +283,18 @@ def test_a_damaged_latest_checkpoint_falls_back_to_best(tmp_path, corpus, capsys
     with pytest.raises(UserError, match="not a readable checkpoint"):  # named explicitly: no fallback
         latest.write_bytes(b"garbage")
         run(tmp_path, corpus, "--train.max_steps", "7", "--train.resume", str(latest))
+
+
+@pytest.mark.slow  # compiles the fused AdamW kernel (seconds to tens of seconds)
+def test_the_fused_optimizer_trains_as_the_multi_tensor_path(tmp_path, corpus):
+    """train.fused_optimizer: the compiled update gives the default path's losses to float rounding, and a
+    resumed run keeps the path its config names."""
+    common = ["--train.max_steps", "3", "--train.eval_interval", "3"]
+    run(tmp_path / "default", corpus, *common)
+    run(tmp_path / "fused", corpus, *common, "--train.fused_optimizer", "true")
+    for a, b in zip(metrics(tmp_path / "default", "train"), metrics(tmp_path / "fused", "train"), strict=True):
+        assert math.isclose(a["loss"], b["loss"], rel_tol=1e-5)
+    run(tmp_path / "fused", corpus, "--train.max_steps", "4", "--train.eval_interval", "4",
+        "--train.resume", "auto")
+    groups = load_checkpoint(tmp_path / "fused" / "checkpoints" / "latest.pt")["optimizer"]["param_groups"]
+    assert [group["fused"] for group in groups] == [False, False]
