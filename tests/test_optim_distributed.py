@@ -23,6 +23,8 @@ from torch import nn
 import gpt.optim
 from gpt.optim import AdamW, clip_grad_norm
 
+pytestmark = pytest.mark.slow  # two processes (~10-40 s); CI runs the slow set too
+
 WORLD_SIZE = 2
 # (5, 3): rank 0 holds 3 rows, rank 1 holds 2. (1,): rank 1 holds an empty shard.
 SHAPES = [(5, 3), (4, 6), (7,), (2, 3, 2), (1,)]

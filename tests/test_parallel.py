@@ -1,8 +1,8 @@
 """Training across processes (gpt.parallel) and sharded checkpoints (gpt.sharded_checkpoint), on the CPU with gloo.
 
-Two processes run pretrain.py's main one after another: FSDP, DDP, and an FSDP run stopped at step 2 and
-resumed. The references are independent of FSDP: one process on the whole global batch, the DDP run, and the
-uninterrupted FSDP run.
+Two processes run pretrain.py's main one after another (in the tests marked slow, which CI runs with the
+slow set): FSDP, DDP, and an FSDP run stopped at step 2 and resumed. The references are independent of FSDP: one
+process on the whole global batch, the DDP run, and the uninterrupted FSDP run.
 """
 
 import errno
@@ -63,6 +63,7 @@ def train_losses(folder: Path) -> list[float]:
     return [record["loss"] for record in metrics(folder, "train")]
 
 
+@pytest.mark.slow  # the two-process runs (~20-40 s); CI runs the slow set too
 def test_fsdp_ddp_and_one_process_train_alike(runs):
     single = metrics(runs / "single", "train")
     assert len(single) == STEPS
@@ -79,6 +80,7 @@ def test_fsdp_ddp_and_one_process_train_alike(runs):
         torch.testing.assert_close(gathered[name], whole[name], atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.slow  # the two-process runs (~20-40 s); CI runs the slow set too
 def test_fsdp_resume_continues_bit_for_bit(runs):
     assert train_losses(runs / "resumed") == train_losses(runs / "fsdp")
     assert [r["loss"] for r in metrics(runs / "resumed", "val")] == [r["loss"] for r in metrics(runs / "fsdp", "val")]
@@ -90,6 +92,7 @@ def test_fsdp_resume_continues_bit_for_bit(runs):
         assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
 
 
+@pytest.mark.slow  # the two-process runs (~20-40 s); CI runs the slow set too
 def test_a_sharded_checkpoint_resumes_in_one_process(runs, corpus):
     """Written by two processes at step 2, continued by one on the same global batch: as the FSDP run went on."""
     out = runs / "one-process"
@@ -100,6 +103,7 @@ def test_a_sharded_checkpoint_resumes_in_one_process(runs, corpus):
         assert math.isclose(x["loss"], y["loss"], rel_tol=1e-5)
 
 
+@pytest.mark.slow  # the two-process runs (~20-40 s); CI runs the slow set too
 def test_consolidation_round_trip(runs, tmp_path, capsys):
     sharded = runs / "fsdp" / "checkpoints" / "latest"
     assert consolidate_cli([str(sharded), "--out", str(tmp_path / "whole.pt")]) == 0
