@@ -135,6 +135,7 @@ def killed_and_continued(tmp_path_factory, corpus):
     return path, out, after_kill, losses_then
 
 
+@pytest.mark.slow  # they share a killed and continued sweep (~45 s); CI runs the slow set
 def test_a_killed_sweep_keeps_its_trials_and_continues_the_interrupted_run(killed_and_continued):
     _, out, after_kill, losses_then = killed_and_continued
     states = optuna.trial.TrialState
@@ -154,6 +155,7 @@ def test_a_killed_sweep_keeps_its_trials_and_continues_the_interrupted_run(kille
     assert {step: losses[step] for step in losses_then} == losses_then
 
 
+@pytest.mark.slow  # they share a killed and continued sweep (~45 s); CI runs the slow set
 def test_every_trial_is_an_ordinary_run_with_its_values(killed_and_continued):
     _, out, _, _ = killed_and_continued
     for trial in stored(out):
@@ -166,6 +168,7 @@ def test_every_trial_is_an_ordinary_run_with_its_values(killed_and_continued):
         assert (folder / "checkpoints" / "latest.pt").is_file()
 
 
+@pytest.mark.slow  # they share a killed and continued sweep (~45 s); CI runs the slow set
 def test_results_hold_each_runs_best_validation_loss_best_first(killed_and_continued):
     _, out, _, _ = killed_and_continued
     results = json.loads((out / "results.json").read_text())
@@ -184,6 +187,7 @@ def test_results_hold_each_runs_best_validation_loss_best_first(killed_and_conti
     assert set(results["importance"]) == {"train.lr", "train.warmup_steps", "model.dropout"}
 
 
+@pytest.mark.slow  # they share a killed and continued sweep (~45 s); CI runs the slow set
 def test_best_toml_gives_the_best_trials_config(killed_and_continued):
     _, out, _, _ = killed_and_continued
     best = json.loads((out / "results.json").read_text())["best"]
