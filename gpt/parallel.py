@@ -35,7 +35,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from .model import Block
+from .errors import UserError
+from .model import GPT, Block
 from .runtime import Runtime
 
 
@@ -58,8 +59,20 @@ def set_activation_checkpointing(model: nn.Module, enabled: bool) -> None:
         block.activation_checkpointing = enabled
 
 
+def check_fsdp_supported(model: nn.Module, runtime: Runtime) -> None:
+    """FSDP here trains every weight of a float language model, in bf16 or fp32; anything else is a UserError."""
+    if runtime.autocast_dtype == torch.float16:
+        raise UserError("train.parallel fsdp: float16 needs a sharded gradient scaler, which is not supported; "
+                        "use train.dtype bfloat16 (or float32)")
+    if not isinstance(model, GPT) or not all(p.requires_grad and p.is_floating_point() for p in model.parameters()):
+        raise UserError("train.parallel fsdp: supports training every weight of a language model (pretrain.py, "
+                        "finetune_instruct.py with train.trainable all, no quantized base); use ddp here")
+
+
 def shard_model(model: nn.Module, runtime: Runtime) -> None:
-    """Shard `model` in place over all processes with FSDP2: each block a unit, the root last."""
+    """Shard `model` in place over all processes with FSDP2: each block a unit, the root last (what FSDP here
+    does not support is a UserError first)."""
+    check_fsdp_supported(model, runtime)
     if runtime.device.type == "cuda" and runtime.autocast_dtype != torch.float32:
         precision = MixedPrecisionPolicy(param_dtype=runtime.autocast_dtype, reduce_dtype=torch.float32)
     else:

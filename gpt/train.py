@@ -159,7 +159,6 @@ def start_run(task: TrainTask, cfg: TrainConfig, runtime: Runtime, stop: _StopSi
     set_activation_checkpointing(model, cfg.activation_checkpointing)
     parallel, skeleton = parallel_mode(cfg.parallel, runtime), None
     if parallel == "fsdp":
-        check_fsdp_supported(model, runtime)
         skeleton = skeleton_of(model)
         shard_model(model, runtime)  # before the optimizer: it must hold the sharded parameters
     optimizer = AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
@@ -181,16 +180,6 @@ def start_run(task: TrainTask, cfg: TrainConfig, runtime: Runtime, stop: _StopSi
         run.loss_fn = torch.compile(task.loss)
     model.train()
     return run
-
-
-def check_fsdp_supported(model: nn.Module, runtime: Runtime) -> None:
-    """FSDP here trains every weight of a float language model, in bf16 or fp32; anything else is a UserError."""
-    if runtime.autocast_dtype == torch.float16:
-        raise UserError("train.parallel fsdp: float16 needs a sharded gradient scaler, which is not supported; "
-                        "use train.dtype bfloat16 (or float32)")
-    if not isinstance(model, GPT) or not all(p.requires_grad and p.is_floating_point() for p in model.parameters()):
-        raise UserError("train.parallel fsdp: supports training every weight of a language model (pretrain.py, "
-                        "finetune_instruct.py with train.trainable all, no quantized base); use ddp here")
 
 
 def restore(run: RunState, task: TrainTask, state: dict[str, Any], path: Path, runtime: Runtime) -> None:
